@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Creates or refreshes .venv with scratchlm and everything it needs, then leaves it active.
+# torch is pinned to the 2.13.0 CPU wheel first so nothing later can pull a CUDA build;
+# the package itself declares only a range (torch>=2.4) that real users can satisfy.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+python=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$python" -m venv .venv
+fi
+stamp=.venv/.scratchlm-installed
+want="$(sha256sum pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+    echo "setup: installing scratchlm and its dependencies into .venv" >&2
+    .venv/bin/python -m pip install -q --disable-pip-version-check "torch==2.13.0" 2>&1 | grep -v "is ignored" >&2 || true
+    .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev]" 2>&1 | grep -v "is ignored" >&2 || true
+    .venv/bin/python -c "import torch, scratchlm, pytest" || { echo "setup: install failed" >&2; exit 1; }
+    echo "$want" > "$stamp"
+fi

@@ -1,0 +1,29 @@
+"""Shared test fixtures.
+
+The shared corpora live beside the checkout in ../shared/data; tests that need them skip with
+a clear reason when that folder is absent (a bare clone elsewhere).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data not found at {SHARED_DATA} (needs ../shared/data beside the repo)")
+    return SHARED_DATA
+
+
+def shared_file(relative: str) -> Path:
+    """Path of a shared data file, skipping the calling test when it is missing."""
+    path = SHARED_DATA / relative
+    if not path.is_file():
+        pytest.skip(f"shared data file missing: {path}")
+    return path
