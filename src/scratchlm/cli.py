@@ -10,6 +10,7 @@ Each pipeline stage owns one `_add_<stage>_commands` function below.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 from scratchlm import __version__
@@ -30,11 +31,307 @@ def _add_tokenizer_commands(sub: argparse._SubParsersAction) -> None:
                    help="pre-tokenization regex")
     p.add_argument("--workers", type=int, default=None, help="pre-tokenization processes")
     p.add_argument("-o", "--out", required=True, metavar="DIR")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_tokenizer_train)
+
+    p = tsub.add_parser("encode", help="print the token ids of text (a file, --text, or stdin)")
+    p.add_argument("-t", "--tokenizer", required=True, metavar="DIR", help="tokenizer (or model) directory")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--input", metavar="FILE", help="text file to encode (default: stdin)")
+    source.add_argument("--text", help="text to encode")
+    p.set_defaults(func=_tokenizer_encode)
+
+    p = tsub.add_parser("decode", help="print the text of token ids (arguments, a file, or stdin)")
+    p.add_argument("-t", "--tokenizer", required=True, metavar="DIR", help="tokenizer (or model) directory")
+    p.add_argument("ids", nargs="*", type=str, help="token ids (default: whitespace-separated ids on stdin)")
+    p.add_argument("--input", metavar="FILE", help="file of whitespace-separated ids")
+    p.set_defaults(func=_tokenizer_decode)
+
+    p = tsub.add_parser("info", help="describe a saved tokenizer")
+    p.add_argument("directory", metavar="DIR", help="tokenizer (or model) directory")
+    p.set_defaults(func=_tokenizer_info)
 
 
 def _tokenizer_train(args: argparse.Namespace) -> None:
-    raise ScratchLMError("tokenizer train is not available yet")
+    from scratchlm.tokenizer.commands import train_tokenizer
+
+    summary = train_tokenizer(args.input, args.vocab_size, args.out, special_tokens=args.special_token,
+                              pattern=args.pattern, workers=args.workers, progress=not args.no_progress)
+    print(summary.describe())
+
+
+def _open_text_input(path: str | None):
+    """A text stream from `path` (invalid UTF-8 becomes U+FFFD) or stdin."""
+    if path is None:
+        return contextlib.nullcontext(sys.stdin)
+    try:
+        return open(path, encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise ScratchLMError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def _tokenizer_encode(args: argparse.Namespace) -> None:
+    from scratchlm.tokenizer.commands import encode_text
+
+    with _open_text_input(None if args.text is not None else args.input) as f:
+        ids = encode_text(args.tokenizer, [args.text] if args.text is not None else f)
+        line: list[str] = []
+        for token_id in ids:
+            line.append(str(token_id))
+            if len(line) == 4096:
+                sys.stdout.write(" ".join(line) + " ")
+                line.clear()
+        sys.stdout.write(" ".join(line) + "\n")
+
+
+def _tokenizer_decode(args: argparse.Namespace) -> None:
+    from scratchlm.tokenizer.commands import decode_ids
+
+    if args.ids:
+        sys.stdout.write(decode_ids(args.tokenizer, [" ".join(args.ids)]))
+        return
+    with _open_text_input(args.input) as f:
+        sys.stdout.write(decode_ids(args.tokenizer, f))
+
+
+def _tokenizer_info(args: argparse.Namespace) -> None:
+    from scratchlm.tokenizer.commands import tokenizer_info
+
+    for key, value in tokenizer_info(args.directory).items():
+        print(f"{key}: {value}")
+
+
+# --------------------------------------------------------------------------- data
+def _add_data_commands(sub: argparse._SubParsersAction) -> None:
+    data = sub.add_parser("data", help="prepare token shards from raw corpora; download corpora")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+
+    p = dsub.add_parser("prepare", help="clean, filter, dedup, split, tokenize and pack into shards")
+    p.add_argument("--input", nargs="+", required=True, metavar="SRC",
+                   help="files, directories, globs (.txt/.jsonl/.json/.parquet, .gz/.zst), or 'stdlib'")
+    p.add_argument("--tokenizer", required=True, metavar="DIR", help="tokenizer (or model) directory")
+    p.add_argument("-o", "--out", required=True, metavar="DATA_DIR")
+    p.add_argument("--val-input", nargs="+", default=[], metavar="SRC",
+                   help="explicit validation inputs (replace the hash split)")
+    p.add_argument("--val-fraction", type=float, default=0.01, help="validation share (default 0.01)")
+    p.add_argument("--split-by-position", action="store_true",
+                   help="validation = the last --val-fraction of the text (one long document)")
+    p.add_argument("--text-field", default="text", help="JSON/Parquet field with the text")
+    p.add_argument("--doc-mode", default="auto", choices=["auto", "file", "eot", "blank", "line"],
+                   help="how plain text files are cut into documents")
+    p.add_argument("--profile", choices=["prose", "code"], default=None,
+                   help="filter profile for all inputs (default: code for source files, else prose)")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: all CPUs)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty DATA_DIR")
+    p.add_argument("--no-filter", nargs="+", default=[], metavar="NAME",
+                   help="switch off filters by name, or 'all'")
+    p.add_argument("--no-dedup", action="store_true", help="skip exact and near-duplicate removal")
+    p.add_argument("--near-dup-threshold", type=float, default=0.8, help="MinHash Jaccard threshold")
+    p.add_argument("--blocklist-words", metavar="FILE", help="drop documents containing these words")
+    p.add_argument("--blocklist-urls", metavar="FILE", help="drop documents linking these domains")
+    p.add_argument("--scrub-pii", action="store_true", help="replace e-mails, IP addresses, phone numbers")
+    p.add_argument("--strict-json", action="store_true", help="malformed JSONL records are fatal")
+    p.set_defaults(func=_data_prepare)
+
+    d = dsub.add_parser("download", help="download a named corpus from the Hugging Face Hub")
+    d.add_argument("name", help="tinystories, tinystories-valid or fineweb-edu-sample")
+    d.add_argument("-o", "--out", required=True, metavar="DIR")
+    d.set_defaults(func=_data_download)
+
+
+def _data_prepare(args: argparse.Namespace) -> None:
+    from scratchlm.data import PrepareConfig, format_stats_table, prepare_data
+
+    disable_all = "all" in args.no_filter
+    config = PrepareConfig(
+        text_field=args.text_field, doc_mode=args.doc_mode, strict_json=args.strict_json, profile=args.profile,
+        filter=not disable_all, disabled_filters=tuple(n for n in args.no_filter if n != "all"),
+        blocklist_words=args.blocklist_words, blocklist_urls=args.blocklist_urls, scrub_pii=args.scrub_pii,
+        dedup=not args.no_dedup, near_dup_threshold=args.near_dup_threshold, val_inputs=tuple(args.val_input),
+        val_fraction=args.val_fraction, split_by_position=args.split_by_position, workers=args.workers,
+    )
+    manifest = prepare_data(args.input, args.tokenizer, args.out, config=config, overwrite=args.overwrite)
+    print(format_stats_table(manifest))
+    print(f"wrote {args.out}")
+
+
+def _data_download(args: argparse.Namespace) -> None:
+    from scratchlm.data.hub import download_corpus
+
+    for path in download_corpus(args.name, args.out):
+        print(path)
+
+
+# --------------------------------------------------------------------------- train
+_OVERRIDE_PREFIX = "override:"
+
+
+def _add_train_command(sub: argparse._SubParsersAction) -> None:
+    from scratchlm.train.config import SECTIONS, field_types
+
+    p = sub.add_parser(
+        "train", help="pretrain a model (torchrun for DDP/FSDP2)",
+        description="Train from a YAML/TOML config. Every config field can be overridden as "
+                    "--section.key=value. Multi-GPU: torchrun --nproc_per_node=N -m scratchlm "
+                    "train ...",
+    )
+    p.add_argument("--config", required=True, metavar="FILE", help="YAML or TOML config")
+    p.add_argument("--out", required=True, metavar="DIR", help="run directory")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint in --out (fresh start if none)")
+    overrides = p.add_argument_group("config overrides")
+    for section in SECTIONS:
+        for key, type_ in field_types(section).items():
+            overrides.add_argument(f"--{section}.{key}", dest=f"{_OVERRIDE_PREFIX}{section}.{key}",
+                                   metavar=getattr(type_, "__name__", str(type_)).upper(),
+                                   default=argparse.SUPPRESS)
+    p.set_defaults(func=_train)
+
+
+def _train(args: argparse.Namespace) -> None:
+    import json
+    import os
+
+    from scratchlm.train import load_train_config, train
+
+    overrides = [f"{dest[len(_OVERRIDE_PREFIX):]}={value}" for dest, value in vars(args).items()
+                 if dest.startswith(_OVERRIDE_PREFIX)]
+    summary = train(load_train_config(args.config, overrides), args.out, resume=args.resume)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary, not one per process
+        print(json.dumps(summary, indent=2))
+
+
+# --------------------------------------------------------------------------- model, plan, generate
+def _add_model_commands(sub: argparse._SubParsersAction) -> None:
+    model = sub.add_parser("model", help="inspect model presets and model directories")
+    msub = model.add_subparsers(dest="model_command", required=True)
+    p = msub.add_parser("info", help="architecture, parameter counts, FLOPs/token, memory")
+    p.add_argument("model", metavar="PRESET|DIR", help="a preset name (e.g. gpt2-124m) or a model directory")
+    p.add_argument("--vocab-size", type=int, default=None, help="override a preset's vocab_size")
+    p.add_argument("--context-length", type=int, default=None, help="override a preset's context_length")
+    p.add_argument("--batch-size", type=int, default=1, help="micro-batch for the memory estimate")
+    p.set_defaults(func=_model_info)
+
+
+def _model_info(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from scratchlm.model import PRESETS, ModelConfig, load_config
+    from scratchlm.model.report import model_info
+
+    overrides = {k: v for k, v in (("vocab_size", args.vocab_size),
+                                   ("context_length", args.context_length)) if v is not None}
+    if args.model in PRESETS:
+        config, title = ModelConfig.from_preset(args.model, **overrides), f"preset {args.model}"
+    elif Path(args.model).is_dir():
+        if overrides:
+            raise ScratchLMError("--vocab-size/--context-length only apply to presets")
+        config, title = load_config(args.model)[0], f"model directory {args.model}"
+    else:
+        raise ScratchLMError(f"{args.model!r} is neither a preset ({', '.join(PRESETS)}) nor a directory")
+    print(model_info(config, title, batch_size=args.batch_size))
+
+
+def _add_plan_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "plan", help="compute-optimal model size, tokens, training time and memory",
+        description="Chinchilla planning from a compute budget or a model size. Numbers take "
+                    "suffixes: 5.9e23, 124M, 70B, 1.4T.")
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--flops", help="total training compute in FLOPs")
+    budget.add_argument("--gpu-hours", help="total GPU-hours on --gpu at --mfu")
+    budget.add_argument("--params", help="model size; the budget is training it on 20 tokens/param")
+    p.add_argument("--gpu", default="H100", help="GPU model (H100, H200, A100, L4, ...)")
+    p.add_argument("--gpus", type=int, default=8, help="GPUs to train on (time and memory per GPU)")
+    p.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--micro-batch", type=int, default=8, help="sequences per GPU per step")
+    p.add_argument("--vocab-size", type=int, default=50257)
+    p.add_argument("--activation-checkpointing", action="store_true")
+    p.set_defaults(func=_plan)
+
+
+def _plan(args: argparse.Namespace) -> None:
+    from scratchlm.model import plan
+    from scratchlm.model.report import parse_quantity, plan_table
+
+    quantities = {name: parse_quantity(getattr(args, name), f"--{name.replace('_', '-')}")
+                  for name in ("flops", "gpu_hours", "params") if getattr(args, name) is not None}
+    result = plan(**quantities, gpu=args.gpu, gpus=args.gpus, mfu=args.mfu, seq_len=args.seq_len,
+                  micro_batch=args.micro_batch, vocab_size=args.vocab_size,
+                  activation_checkpointing=args.activation_checkpointing)
+    print(plan_table(result))
+
+
+def _add_generate_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="continue a prompt with a trained model (streams text)")
+    p.add_argument("model_dir", metavar="MODEL_DIR")
+    p.add_argument("--prompt", required=True, help="text to continue ('' starts a new document)")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.set_defaults(func=_generate)
+
+
+def _generate(args: argparse.Namespace) -> None:
+    import torch
+
+    from scratchlm.infer import generate
+    from scratchlm.model import load_model
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_model(args.model_dir, device=device)
+    for piece in generate(model, tokenizer, args.prompt, max_new_tokens=args.max_tokens,
+                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                          seed=args.seed):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+# --------------------------------------------------------------------------- run (the main job)
+def _add_run_command(sub: argparse._SubParsersAction) -> None:
+    from scratchlm.pipeline import RunSettings
+
+    d = RunSettings()
+    p = sub.add_parser("run", help="the main job: raw text to a trained, evaluated model with a report card",
+                       description="Train a tokenizer, prepare data, pretrain, evaluate against gzip/xz, "
+                                   "sample and write a report. Re-running skips finished stages and "
+                                   "resumes an interrupted one.")
+    p.add_argument("--corpus", nargs="+", default=list(d.corpus), metavar="stdlib|tinystories|PATH",
+                   help="training text: the Python stdlib (offline default), a named corpus to "
+                        "download, or files/directories/globs")
+    p.add_argument("--val-corpus", nargs="+", default=[], metavar="PATH",
+                   help="held-out text (default: a deterministic split of the corpus)")
+    p.add_argument("--split-by-position", action="store_true",
+                   help="hold out the last part of the text (for one long document, e.g. Tiny Shakespeare)")
+    p.add_argument("--preset", default=d.preset, help=f"model preset (default {d.preset})")
+    p.add_argument("--minutes", type=float, default=d.minutes, help="pretraining budget in minutes")
+    p.add_argument("-o", "--out", default="", metavar="DIR", help="run directory (default runs/<corpus>)")
+    p.add_argument("--vocab-size", type=int, default=d.vocab_size)
+    p.add_argument("--context-length", type=int, default=d.context_length)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--micro-batch-size", type=int, default=d.micro_batch_size)
+    p.add_argument("--global-batch-tokens", type=int, default=d.global_batch_tokens)
+    p.add_argument("--device", default=d.device, choices=["auto", "cuda", "mps", "cpu"])
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> None:
+    from scratchlm.pipeline import RunSettings, run_pipeline
+
+    run_pipeline(RunSettings(
+        corpus=tuple(args.corpus), val_corpus=tuple(args.val_corpus), preset=args.preset,
+        minutes=args.minutes, out_dir=args.out, vocab_size=args.vocab_size,
+        context_length=args.context_length, split_by_position=args.split_by_position,
+        micro_batch_size=args.micro_batch_size, global_batch_tokens=args.global_batch_tokens,
+        lr=args.lr, seed=args.seed, device=args.device, compile=args.compile,
+    ))
 
 
 # --------------------------------------------------------------------------- dispatch
@@ -45,7 +342,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"scratchlm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_run_command(sub)
     _add_tokenizer_commands(sub)
+    _add_data_commands(sub)
+    _add_train_command(sub)
+    _add_model_commands(sub)
+    _add_plan_command(sub)
+    _add_generate_command(sub)
     return parser
 
 

@@ -1,0 +1,124 @@
+"""Token shards on disk, their manifest, and reading documents back.
+
+A data directory holds, per split, `{split}_{NNNNNN}.bin` (raw little-endian token ids, uint16
+when the vocabulary fits, else uint32, an EOT token after every document) and
+`{split}_{NNNNNN}.idx.npy` (int64 start offset of each document in that shard), plus
+`manifest.json` describing everything. Raw arrays rather than a container format so the
+loader can `np.memmap` them: no parsing, no copy, shared page cache across ranks.
+A document never spans two shards.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from scratchlm.errors import ScratchLMError
+from scratchlm.fsutil import atomic_write_bytes
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+SPLITS = ("train", "val")
+
+
+def shard_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}_{index:06d}.bin"
+
+
+def index_name(bin_name: str) -> str:
+    return bin_name.removesuffix(".bin") + ".idx.npy"
+
+
+class ShardWriter:
+    """Accumulates documents and writes a shard whenever `shard_tokens` is reached.
+
+    Each file is written to a temporary name and renamed (fsutil.atomic_write_bytes), so an
+    interrupted run never leaves a truncated shard under a real name.
+    """
+
+    def __init__(self, out_dir: Path, split: str, dtype: np.dtype, eot_id: int, shard_tokens: int):
+        self.out_dir, self.split, self.dtype, self.eot_id = Path(out_dir), split, dtype, eot_id
+        self.shard_tokens = shard_tokens
+        self.shards: list[dict] = []
+        self._pending: list[np.ndarray] = []
+        self._pending_tokens = 0
+
+    def add(self, ids: np.ndarray) -> None:
+        """Append one document's token ids (without EOT)."""
+        self._pending.append(np.append(np.asarray(ids, dtype=self.dtype), self.dtype.type(self.eot_id)))
+        self._pending_tokens += len(ids) + 1
+        if self._pending_tokens >= self.shard_tokens:
+            self._flush()
+
+    def close(self) -> list[dict]:
+        if self._pending:
+            self._flush()
+        return self.shards
+
+    def _flush(self) -> None:
+        lengths = np.array([len(doc) for doc in self._pending], dtype=np.int64)
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+        name = shard_name(self.split, len(self.shards))
+        atomic_write_bytes(self.out_dir / name, np.concatenate(self._pending).tobytes())
+        buffer = io.BytesIO()
+        np.save(buffer, starts, allow_pickle=False)
+        atomic_write_bytes(self.out_dir / index_name(name), buffer.getvalue())
+        self.shards.append({"file": name, "tokens": int(lengths.sum()), "documents": len(lengths)})
+        self._pending, self._pending_tokens = [], 0
+
+
+def read_manifest(data_dir: str | Path) -> dict:
+    """The manifest of a data directory, checked for the keys every consumer relies on."""
+    path = Path(data_dir) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ScratchLMError(f"not a data directory (no {MANIFEST}): {data_dir}") from None
+    except ValueError as exc:
+        raise ScratchLMError(f"corrupt manifest {path}: {exc}") from exc
+    for key in ("format_version", "vocab_size", "tokenizer_hash", "eot_id", "dtype", "splits"):
+        if key not in manifest:
+            raise ScratchLMError(f"manifest {path} lacks the field {key!r}")
+    if manifest["format_version"] != FORMAT_VERSION:
+        raise ScratchLMError(f"manifest {path} has format_version {manifest['format_version']}, expected {FORMAT_VERSION}")
+    return manifest
+
+
+def split_info(manifest: dict, split: str, data_dir: str | Path) -> dict:
+    if split not in manifest["splits"]:
+        raise ScratchLMError(f"data directory {data_dir} has no split {split!r} (has {', '.join(manifest['splits'])})")
+    return manifest["splits"][split]
+
+
+def open_shard(data_dir: Path, shard: dict, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens memmap, document starts) of one shard, checked against the manifest."""
+    bin_path = data_dir / shard["file"]
+    idx_path = data_dir / index_name(shard["file"])
+    for path in (bin_path, idx_path):
+        if not path.is_file():
+            raise ScratchLMError(f"missing shard file {path}")
+    tokens = np.memmap(bin_path, dtype=dtype, mode="r")
+    if len(tokens) != shard["tokens"]:
+        raise ScratchLMError(f"shard {bin_path} has {len(tokens)} tokens, manifest says {shard['tokens']}")
+    starts = np.load(idx_path, allow_pickle=False)
+    return tokens, starts
+
+
+def iter_documents(data_dir: str | Path, split: str) -> Iterator[np.ndarray]:
+    """Token ids of every document of `split`, in order, without the trailing EOT."""
+    data_dir = Path(data_dir)
+    manifest = read_manifest(data_dir)
+    dtype = np.dtype(manifest["dtype"])
+    for shard in split_info(manifest, split, data_dir)["shards"]:
+        tokens, starts = open_shard(data_dir, shard, dtype)
+        ends = np.append(starts[1:], len(tokens))
+        for start, end in zip(starts, ends):
+            yield np.array(tokens[start : end - 1])  # end - 1 drops the EOT separator

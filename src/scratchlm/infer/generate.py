@@ -1,0 +1,58 @@
+"""Text generation: a prompt in, decoded text pieces out as soon as they are complete.
+
+Token sampling (and the KV cache) lives on the model, `Transformer.generate`; this layer
+encodes the prompt and turns the token stream back into text. A token can end in the middle
+of a multi-byte UTF-8 character (byte-level BPE splits them freely), so bytes are fed to an
+incremental UTF-8 decoder that holds an incomplete character back until its last byte
+arrives; invalid bytes become U+FFFD, exactly as `Tokenizer.decode` does.
+"""
+
+from __future__ import annotations
+
+import codecs
+from typing import TYPE_CHECKING, Iterator
+
+import torch
+
+from scratchlm.errors import ScratchLMError
+from scratchlm.model.transformer import Transformer
+
+if TYPE_CHECKING:
+    from scratchlm.tokenizer import Tokenizer
+
+
+def generate(model: Transformer, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 256,
+             temperature: float = 0.8, top_k: int | None = None, top_p: float | None = None,
+             seed: int | None = None) -> Iterator[str]:
+    """Yield the continuation of `prompt` piece by piece; stops at the end-of-text token.
+
+    Temperature 0 is greedy. With a seed the output is reproducible (on the same device);
+    without one it draws from torch's global generator. An empty prompt starts from the
+    end-of-text token, i.e. from the beginning of a fresh document.
+    """
+    device = model.tok_emb.weight.device
+    prompt_ids = tokenizer.encode(prompt)
+    if not prompt_ids:
+        if tokenizer.eot_id is None:
+            raise ScratchLMError("empty prompt and the tokenizer has no <|endoftext|> to start from")
+        prompt_ids = [tokenizer.eot_id]
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    token_bytes = tokenizer.vocab
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    ids = model.generate(torch.tensor([prompt_ids], device=device), max_new_tokens,
+                         temperature=temperature, top_k=top_k, top_p=top_p,
+                         generator=generator, stop_token=tokenizer.eot_id)
+    for token_id in ids:
+        piece = utf8.decode(token_bytes[token_id])
+        if piece:
+            yield piece
+    tail = utf8.decode(b"", final=True)  # an unfinished character at the very end
+    if tail:
+        yield tail
+
+
+def generate_text(model: Transformer, tokenizer: Tokenizer, prompt: str, **kwargs) -> str:
+    """The whole continuation as one string (same arguments as `generate`)."""
+    return "".join(generate(model, tokenizer, prompt, **kwargs))

@@ -1,0 +1,226 @@
+"""The decoder-only transformer and its KV cache.
+
+    model(idx)                  -> fp32 logits (B, T, vocab)
+    model(idx, targets)         -> mean cross-entropy (targets == -1 are ignored)
+    model(idx, kv_cache=cache)  -> logits of the new tokens; the cache remembers them
+    model.generate(idx, ...)    -> iterator over sampled token ids (uses the cache)
+
+Parallelism and activation checkpointing stay outside: the training stage wraps each
+element of `model.blocks` (FSDP2 `fully_shard`, `checkpoint_wrapper`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from scratchlm.errors import ScratchLMError
+from scratchlm.model.config import ModelConfig
+from scratchlm.model.layers import Block, RMSNorm, make_norm, rope_tables
+from scratchlm.model.sampling import check_sampling_args, sample_next_token
+
+
+class KVCache:
+    """Keys and values of every layer for up to `max_len` positions of each sequence.
+
+    `lengths[b]` counts the tokens already cached for sequence b, so sequences in a batch may
+    sit at different positions (set `lengths` after a right-padded prefill). A forward pass
+    with the cache writes the new tokens' keys/values at positions lengths[b] ..
+    lengths[b] + T - 1, lets query i of sequence b see keys 0 .. lengths[b] + i, then advances
+    `lengths` by T.
+    """
+
+    def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, head_dim: int,
+                 max_len: int, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        shape = (n_layers, batch_size, n_kv_heads, max_len, head_dim)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        # Kept on the CPU: deciding masks and slice ends from it never waits on the GPU.
+        self.lengths = torch.zeros(batch_size, dtype=torch.long)
+        self._positions: torch.Tensor | None = None  # (B, T) of the pass in progress
+        self._end = 0  # keys 0 .. _end - 1 take part in the pass in progress
+        self.mask: torch.Tensor | None = None
+        self.is_causal = False
+
+    def begin(self, new_tokens: int) -> torch.Tensor:
+        """Prepare a pass over `new_tokens` tokens per sequence; returns their positions (B, T)."""
+        positions = self.lengths[:, None] + torch.arange(new_tokens)
+        self._end = int(positions.max()) + 1
+        if self._end > self.max_len:
+            raise ScratchLMError(f"KV cache holds {self.max_len} positions; this pass needs {self._end}")
+        uniform = bool((self.lengths == self.lengths[0]).all())
+        # Pick the cheapest correct attention pattern: a fresh prefill is plain causal (fused
+        # kernels), one new token at a shared position sees every cached key (no mask);
+        # anything else (a prefix plus several tokens, ragged lengths) gets an explicit mask.
+        self.is_causal = uniform and int(self.lengths[0]) == 0
+        if self.is_causal or (uniform and new_tokens == 1):
+            self.mask = None
+        else:
+            key_positions = torch.arange(self._end)
+            mask = key_positions[None, None, None, :] <= positions[:, None, :, None]
+            self.mask = mask.to(self.keys.device)
+        self._positions = positions.to(self.keys.device)
+        return self._positions
+
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this pass's keys/values (B, K, T, D) for `layer`; return all visible ones."""
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]
+        # Indexing (rows, :, positions) addresses a (B, T, K, D) block, hence the transposes.
+        self.keys[layer][rows, :, self._positions] = k.transpose(1, 2).to(self.keys.dtype)
+        self.values[layer][rows, :, self._positions] = v.transpose(1, 2).to(self.values.dtype)
+        end = self._end
+        return self.keys[layer, :, :, :end].type_as(k), self.values[layer, :, :, :end].type_as(v)
+
+    def advance(self, new_tokens: int) -> None:
+        self.lengths += new_tokens
+        self._positions, self.mask = None, None
+
+    def reset(self) -> None:
+        self.lengths.zero_()
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
+        self.pos_emb = (nn.Embedding(config.context_length, config.d_model)
+                        if config.position == "learned" else None)
+        self.dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm = make_norm(config, config.d_model)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        # RoPE angles are computed once; non-persistent, so they never enter checkpoints.
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Weights ~ N(0, 0.02); the projections that write into the residual stream
+        (attention `out`, MLP `proj`) get 0.02 / sqrt(2 * n_layers), as in GPT-2: each block
+        adds two such outputs to the stream, so this keeps its variance independent of depth.
+        Also (re)ties the embeddings and (re)builds the RoPE tables, so `to_empty(device=...)`
+        (which unties them) + `init_weights()` works for a model created on the meta device."""
+        if self.config.tie_embeddings:
+            # The LM head reuses the embedding matrix (Press & Wolf 2017): one fewer V x d matrix.
+            self.lm_head.weight = self.tok_emb.weight
+        residual_std = 0.02 / math.sqrt(2 * self.config.n_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                residual = name.endswith(("attn.out", "mlp.proj"))
+                nn.init.normal_(module.weight, mean=0.0, std=residual_std if residual else 0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            elif isinstance(module, (nn.LayerNorm, RMSNorm)):
+                nn.init.ones_(module.weight)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+        if self.config.position == "rope":
+            device = self.tok_emb.weight.device
+            cos, sin = rope_tables(self.config.head_dim, self.config.context_length,
+                                   self.config.rope_theta)
+            self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
+
+    # ----------------------------------------------------------------------- forward
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                kv_cache: KVCache | None = None) -> torch.Tensor:
+        t = idx.shape[1]
+        if kv_cache is None:
+            if t > self.config.context_length:
+                raise ScratchLMError(
+                    f"sequence of {t} tokens exceeds context_length {self.config.context_length}")
+            positions = torch.arange(t, device=idx.device)  # (T,), shared by the batch
+        else:
+            if kv_cache.lengths.shape[0] != idx.shape[0]:
+                raise ScratchLMError(
+                    f"batch of {idx.shape[0]} sequences for a KV cache of {kv_cache.lengths.shape[0]}")
+            positions = kv_cache.begin(t)  # (B, T), per sequence
+        x = self.tok_emb(idx)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(positions)
+        x = self.dropout(x)
+        # cos/sin rows of each position, with a head axis to broadcast over: (1|B, 1, T, D).
+        rope = ((self.rope_cos[positions].unsqueeze(-3), self.rope_sin[positions].unsqueeze(-3))
+                if self.pos_emb is None else None)
+        for block in self.blocks:
+            x = block(x, rope, kv_cache)
+        if kv_cache is not None:
+            kv_cache.advance(t)
+        logits = self.lm_head(self.norm(x)).float()
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-1)
+
+    def new_kv_cache(self, batch_size: int, max_len: int | None = None,
+                     device: torch.device | str | None = None,
+                     dtype: torch.dtype | None = None) -> KVCache:
+        """A cache for `batch_size` sequences of up to `max_len` (default and at most
+        context_length) positions, on the model's device and dtype unless told otherwise."""
+        max_len = max_len or self.config.context_length
+        if max_len > self.config.context_length:
+            raise ScratchLMError(
+                f"KV cache of {max_len} positions exceeds context_length {self.config.context_length}")
+        weight = self.tok_emb.weight
+        return KVCache(self.config.n_layers, batch_size, self.config.n_kv_heads,
+                       self.config.head_dim, max_len,
+                       device=device or weight.device, dtype=dtype or weight.dtype)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """All parameters (tied weights once), or those of the blocks and final norm only:
+        the "non-embedding" N of Kaplan et al. 2020 (no token/position embedding, no LM head)."""
+        total = sum(p.numel() for p in self.parameters())  # parameters() dedups tied weights
+        if not non_embedding:
+            return total
+        embedding = {id(self.tok_emb.weight): self.tok_emb.weight, id(self.lm_head.weight): self.lm_head.weight}
+        if self.pos_emb is not None:
+            embedding[id(self.pos_emb.weight)] = self.pos_emb.weight
+        return total - sum(p.numel() for p in embedding.values())
+
+    # ----------------------------------------------------------------------- generation
+    @torch.inference_mode()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None,
+                 generator: torch.Generator | None = None,
+                 stop_token: int | None = None) -> Iterator[int]:
+        """Yield up to `max_new_tokens` sampled ids continuing `idx` (1, T), one at a time.
+
+        Prefills the KV cache with the prompt, then feeds one token per step. Temperature 0
+        is greedy. Stops before yielding `stop_token`. When the context window fills up the
+        cache is rebuilt from the most recent half window, so generation can run on.
+        The model is put in eval mode while generating and restored afterwards.
+        """
+        check_sampling_args(temperature, top_k, top_p)
+        if idx.dim() != 2 or idx.shape[0] != 1 or idx.shape[1] == 0:
+            raise ScratchLMError(f"generate needs a prompt of shape (1, T>=1), got {tuple(idx.shape)}")
+        window = self.config.context_length
+        tokens = idx[0].tolist()
+        cache = self.new_kv_cache(1, window)
+        was_training = self.training
+        self.eval()
+        try:
+            logits = self._prefill(cache, tokens[-window:])
+            for _ in range(max_new_tokens):
+                next_id = sample_next_token(logits[0, -1], temperature, top_k, top_p, generator)
+                if next_id == stop_token:
+                    return
+                yield next_id
+                tokens.append(next_id)
+                if int(cache.lengths[0]) == window:
+                    logits = self._prefill(cache, tokens[-(window // 2):])
+                else:
+                    logits = self(torch.tensor([[next_id]], device=cache.keys.device), kv_cache=cache)
+        finally:
+            self.train(was_training)
+
+    def _prefill(self, cache: KVCache, tokens: list[int]) -> torch.Tensor:
+        cache.reset()
+        return self(torch.tensor([tokens], device=cache.keys.device), kv_cache=cache)

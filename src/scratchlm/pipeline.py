@@ -1,0 +1,462 @@
+"""`scratchlm run`: raw text to a trained, evaluated model with a report card, in one command.
+
+The job is a fixed chain of stages, each writing into its own place in the run directory:
+
+    tokenizer -> data -> train -> eval -> samples -> report
+
+`run.json` records the settings the run was created with and, per stage, when it finished,
+how long it took and what it measured. Re-running the same command skips every finished
+stage; an interrupted stage starts again (tokenizer, data: they write atomically, so nothing
+half-done is ever mistaken for done) or resumes (train: from its last checkpoint). The report
+is rebuilt every time from what the stages recorded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import shlex
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from scratchlm.errors import ScratchLMError
+from scratchlm.fsutil import atomic_write_json, atomic_write_text
+
+STAGES = ("tokenizer", "data", "train", "eval", "samples")
+
+# Prompts for the closing samples: one that suits code corpora and two that suit prose, so
+# every corpus gets at least one fitting prompt.
+SAMPLE_PROMPTS = ("def ", "import ", "Once upon a time", "The ")
+
+
+@dataclass
+class RunSettings:
+    """Everything that determines what a run produces (recorded in run.json)."""
+
+    corpus: tuple[str, ...] = ("stdlib",)
+    val_corpus: tuple[str, ...] = ()
+    preset: str = "tiny"
+    minutes: float = 5.0  # pretraining budget (wall clock)
+    out_dir: str = ""  # default: runs/<name of the first corpus>
+    vocab_size: int = 2048
+    context_length: int = 256
+    tokenizer_sample_mb: float = 4.0  # BPE is trained on at most this much of the corpus
+    val_fraction: float = 0.01
+    split_by_position: bool = False  # val = the last val_fraction of the text (one long document)
+    micro_batch_size: int = 16
+    global_batch_tokens: int = 16384
+    lr: float = 3e-3
+    warmup_steps: int = 50
+    eval_documents: int = 400  # held-out documents scored at the end (the first N)
+    sample_tokens: int = 120
+    seed: int = 1337
+    device: str = "auto"
+    compile: bool = False
+
+    def resolved_out_dir(self) -> Path:
+        if self.out_dir:
+            return Path(self.out_dir)
+        name = Path(self.corpus[0].rstrip("/")).stem or "run"
+        return Path("runs") / name
+
+
+# Settings that may change between invocations of the same run without invalidating it.
+_MAY_CHANGE = {"out_dir", "device", "minutes"}
+
+
+class _Run:
+    def __init__(self, settings: RunSettings, progress: Callable[[str], None]):
+        self.settings = settings
+        self.dir = settings.resolved_out_dir()
+        self.say = progress
+        self.state_path = self.dir / "run.json"
+        self.state = self._load_state()
+
+    # ------------------------------------------------------------------ state
+    def _load_state(self) -> dict[str, Any]:
+        wanted = dataclasses.asdict(self.settings)
+        if not self.state_path.exists():
+            return {"settings": wanted, "stages": {}, "command": _command_line()}
+        try:
+            state = json.loads(self.state_path.read_text())
+            recorded = state["settings"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise ScratchLMError(f"{self.state_path}: unreadable run state ({exc})") from exc
+        differing = sorted(k for k in wanted if k not in _MAY_CHANGE
+                           and _normal(recorded.get(k)) != _normal(wanted[k]))
+        if differing:
+            details = ", ".join(f"{k} (run has {recorded.get(k)!r}, asked {wanted[k]!r})" for k in differing)
+            raise ScratchLMError(f"{self.dir} holds a run with other settings: {details}; "
+                                 "use another -o directory")
+        state["settings"] = wanted
+        return state
+
+    def _save_state(self) -> None:
+        atomic_write_json(self.state_path, self.state)
+
+    def done(self, stage: str) -> bool:
+        return bool(self.state["stages"].get(stage, {}).get("done"))
+
+    def record(self, stage: str, seconds: float, **figures: Any) -> None:
+        entry = self.state["stages"].setdefault(stage, {})
+        entry.update(figures, done=True, seconds=entry.get("seconds", 0.0) + seconds)
+        self._save_state()
+
+    def add_time(self, stage: str, seconds: float) -> None:
+        """Time spent in a stage that did not finish (interrupted), still counted in the report."""
+        entry = self.state["stages"].setdefault(stage, {})
+        entry["seconds"] = entry.get("seconds", 0.0) + seconds
+        self._save_state()
+
+    # ------------------------------------------------------------------ stages
+    def stage_tokenizer(self) -> dict[str, Any]:
+        from scratchlm.tokenizer.commands import train_tokenizer
+
+        s = self.settings
+        sample = self.dir / "tokenizer_sample.txt"
+        n_bytes = _write_tokenizer_sample(self._corpus_specs(), sample, int(s.tokenizer_sample_mb * 1e6),
+                                          s.val_fraction if not (s.val_corpus or s.split_by_position) else 0.0)
+        summary = train_tokenizer([sample], s.vocab_size, self.dir / "tokenizer", progress=True)
+        sample.unlink()
+        self.say(summary.describe())
+        return {"vocab_size": summary.vocab_size, "sample_bytes": n_bytes,
+                "bytes_per_token": summary.bytes_per_token, "train_seconds": summary.seconds,
+                "train_mb_per_s": summary.mb_per_s}
+
+    def stage_data(self) -> dict[str, Any]:
+        from scratchlm.data import PrepareConfig, format_stats_table, prepare_data
+
+        s = self.settings
+        config = PrepareConfig(val_inputs=tuple(self._specs(s.val_corpus)), val_fraction=s.val_fraction,
+                               split_by_position=s.split_by_position)
+        manifest = prepare_data(self._corpus_specs(), self.dir / "tokenizer", self.dir / "data",
+                                config=config, overwrite=True)
+        self.say(format_stats_table(manifest))
+        splits = manifest["splits"]
+        return {"train_tokens": splits["train"]["tokens"], "val_tokens": splits["val"]["tokens"],
+                "train_documents": splits["train"]["documents"], "val_documents": splits["val"]["documents"]}
+
+    def train_config(self):
+        from scratchlm.train import load_train_config
+
+        s = self.settings
+        return load_train_config(None, [
+            f"model.preset={s.preset}",
+            f"model.context_length={s.context_length}",
+            f"data.dir={self.dir / 'data'}",
+            f"data.tokenizer={self.dir / 'tokenizer'}",
+            f"optimizer.lr={s.lr}",
+            f"schedule.warmup_steps={s.warmup_steps}",
+            f"run.max_minutes={s.minutes}",
+            f"run.micro_batch_size={s.micro_batch_size}",
+            f"run.global_batch_tokens={s.global_batch_tokens}",
+            f"run.seed={s.seed}",
+            f"run.device={s.device}",
+            f"run.compile={str(s.compile).lower()}",
+            "run.eval_every=100",
+            "run.checkpoint_every=100",
+            "run.checkpoint_minutes=1.0",
+            "run.keep_checkpoints=2",
+        ])
+
+    def stage_train(self) -> dict[str, Any]:
+        from scratchlm.train import train
+
+        summary = train(self.train_config(), self.dir / "train", resume=True)
+        return {k: v for k, v in summary.items() if isinstance(v, (int, float, str, type(None)))}
+
+    def model_dir(self) -> Path:
+        return self.dir / "train" / "final"
+
+    def stage_eval(self) -> dict[str, Any]:
+        from itertools import islice
+
+        from scratchlm.data import iter_documents
+        from scratchlm.eval import compression_bits_per_byte, evaluate_bits_per_byte
+        from scratchlm.model import load_model
+
+        s = self.settings
+        model, tokenizer = load_model(self.model_dir(), device=_device(s.device))
+        docs = list(islice(iter_documents(self.dir / "data", "val"), s.eval_documents))
+        result = evaluate_bits_per_byte(model, tokenizer, docs, context_length=model.config.context_length,
+                                        batch_size=16)
+        texts = [tokenizer.decode_bytes(doc) for doc in docs]
+        baselines = {name: compression_bits_per_byte(texts, name) for name in ("gzip", "xz")}
+        for name, b in baselines.items():
+            if b.raw_bytes != result.bytes:
+                raise RuntimeError(f"{name} saw {b.raw_bytes} bytes, the model {result.bytes}")
+        figures = {"val_bpb": result.bits_per_byte, "val_loss": result.loss_per_token,
+                   "gzip_bpb": baselines["gzip"].bits_per_byte, "xz_bpb": baselines["xz"].bits_per_byte,
+                   "eval_documents": result.documents, "eval_bytes": result.bytes, "eval_tokens": result.tokens}
+        self.say(f"held-out bits per byte on {result.documents} documents ({result.bytes:,} bytes): "
+                 f"model {figures['val_bpb']:.3f}, gzip -9 {figures['gzip_bpb']:.3f}, xz -9 {figures['xz_bpb']:.3f}")
+        return figures
+
+    def stage_samples(self) -> dict[str, Any]:
+        from scratchlm.infer import generate_text
+        from scratchlm.model import load_model
+
+        s = self.settings
+        model, tokenizer = load_model(self.model_dir(), device=_device(s.device))
+        samples = []
+        for i, prompt in enumerate(SAMPLE_PROMPTS):
+            text = generate_text(model, tokenizer, prompt, max_new_tokens=s.sample_tokens,
+                                 temperature=0.8, top_k=50, seed=s.seed + i)
+            samples.append({"prompt": prompt, "completion": text})
+        atomic_write_json(self.dir / "samples.json", samples)
+        return {"count": len(samples)}
+
+    # ------------------------------------------------------------------ driver
+    def _specs(self, specs: tuple[str, ...]) -> list[str]:
+        """Named downloadable corpora become local files; paths and `stdlib` pass through."""
+        from scratchlm.data.hub import CORPORA, download_corpus
+
+        resolved: list[str] = []
+        for spec in specs:
+            if spec in CORPORA:
+                resolved += [str(p) for p in download_corpus(spec, self.dir / "downloads" / spec)]
+            else:
+                resolved.append(spec)
+        return resolved
+
+    def _corpus_specs(self) -> list[str]:
+        return self._specs(self.settings.corpus)
+
+    def execute(self) -> dict[str, Any]:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._save_state()
+        for stage in STAGES:
+            if self.done(stage):
+                self.say(f"== {stage}: done already, skipped")
+                continue
+            self.say(f"== {stage}")
+            started = time.perf_counter()
+            try:
+                figures = getattr(self, f"stage_{stage}")()
+            except BaseException:
+                self.add_time(stage, time.perf_counter() - started)
+                raise
+            self.record(stage, time.perf_counter() - started, **figures)
+        report = build_report(self)
+        self.say(_closing_message(self, report))
+        return report
+
+
+def run_pipeline(settings: RunSettings, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run (or resume) the whole job; returns the figures written to report.json."""
+    say = progress or (lambda message: print(message, file=sys.stderr, flush=True))
+    return _Run(settings, say).execute()
+
+
+# ---------------------------------------------------------------------- helpers
+def _normal(value: Any) -> Any:
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def _command_line() -> str:
+    return "scratchlm " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "scratchlm run"
+
+
+def _device(name: str) -> str:
+    if name != "auto":
+        return name
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def _write_tokenizer_sample(specs: list[str], path: Path, max_bytes: int, val_fraction: float) -> int:
+    """Write up to `max_bytes` of the corpus' documents, separated by <|endoftext|>, to `path`.
+
+    Documents the data stage's hash split will hold out for validation are skipped
+    (`val_fraction` > 0), so the tokenizer never learns from the text it is evaluated on.
+    Documents are taken round-robin across inputs so a sample of a multi-source corpus
+    represents every source.
+    """
+    from scratchlm.data.sources import iter_documents_from
+    from scratchlm.data.split import hash_fraction
+    from scratchlm.tokenizer import ENDOFTEXT
+
+    streams = [iter_documents_from(spec) for spec in specs]
+    written = 0
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8", errors="surrogateescape") as out:
+        while streams and written < max_bytes:
+            for stream in list(streams):
+                doc = next(stream, None)
+                if doc is None:
+                    streams.remove(stream)
+                    continue
+                if val_fraction and hash_fraction(doc.text) < val_fraction:
+                    continue
+                out.write(doc.text + ENDOFTEXT)
+                written += len(doc.text.encode("utf-8", errors="surrogateescape")) + len(ENDOFTEXT)
+    if written == 0:
+        tmp.unlink()
+        raise ScratchLMError(f"corpus {', '.join(specs)}: no documents to train the tokenizer on")
+    os.replace(tmp, path)
+    return written
+
+
+def _hardware() -> dict[str, Any]:
+    import torch
+
+    info = {"platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "cpu_count": os.cpu_count(), "gpu": None}
+    if torch.cuda.is_available():
+        info["gpu"] = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+    return info
+
+
+# ---------------------------------------------------------------------- the report card
+def build_report(run: _Run) -> dict[str, Any]:
+    """Write report.json and report.md from run.json and the stages' files."""
+    from scratchlm.data import format_stats_table, read_manifest
+    from scratchlm.model import load_config
+    from scratchlm.model.report import model_info
+
+    stages = run.state["stages"]
+    train, evaluation = stages.get("train", {}), stages.get("eval", {})
+    config, _ = load_config(run.model_dir())
+    params = _count_params(config)
+    curve = run.dir / "train" / "loss.png"
+    if curve.exists():
+        shutil.copyfile(curve, run.dir / "loss.png")
+    figures = {
+        "val_bpb": evaluation.get("val_bpb"),
+        "gzip_bpb": evaluation.get("gzip_bpb"),
+        "xz_bpb": evaluation.get("xz_bpb"),
+        "val_loss": evaluation.get("val_loss"),
+        "train_tokens_per_s": train.get("tokens_per_s"),
+        "mfu": train.get("mfu"),
+        "params": params,
+        "train_tokens": train.get("tokens"),
+        "train_steps": train.get("steps"),
+        "stage_seconds": {name: round(stages.get(name, {}).get("seconds", 0.0), 2) for name in STAGES},
+        "model_dir": str(run.model_dir()),
+        "hardware": _hardware(),
+        "settings": run.state["settings"],
+        "tokenizer": stages.get("tokenizer", {}),
+        "data": stages.get("data", {}),
+    }
+    atomic_write_json(run.dir / "report.json", figures)
+    samples = json.loads((run.dir / "samples.json").read_text()) if (run.dir / "samples.json").exists() else []
+    manifest = read_manifest(run.dir / "data")
+    markdown = _report_markdown(run, figures, model_info(config, "model"), format_stats_table(manifest), samples)
+    atomic_write_text(run.dir / "report.md", markdown)
+    return figures
+
+
+def _count_params(config) -> int:
+    from scratchlm.model import count_params
+
+    return int(count_params(config).total)
+
+
+def _fmt(value: Any, spec: str = ".3f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def _report_markdown(run: _Run, f: dict[str, Any], model_table: str, data_table: str,
+                     samples: list[dict[str, str]]) -> str:
+    s = run.state["settings"]
+    tok = f["tokenizer"]
+    hw = f["hardware"]
+    beats = (f["val_bpb"] is not None and f["gzip_bpb"] is not None and f["val_bpb"] < f["gzip_bpb"])
+    lines = [
+        f"# scratchlm run report: {run.dir}",
+        "",
+        f"Model: `{f['model_dir']}` ({f['params']:,} parameters, preset `{s['preset']}`), "
+        f"trained {_fmt(s['minutes'], '.1f')} min on corpus {', '.join(s['corpus'])}.",
+        "",
+        "## Evaluation (held-out documents, each on its own)",
+        "",
+        "| | bits per byte |",
+        "|---|---|",
+        f"| this model | {_fmt(f['val_bpb'])} |",
+        f"| gzip -9 | {_fmt(f['gzip_bpb'])} |",
+        f"| xz -9 | {_fmt(f['xz_bpb'])} |",
+        "",
+        f"The model {'beats' if beats else 'does not beat'} gzip -9 on "
+        f"{run.state['stages'].get('eval', {}).get('eval_documents', 0)} held-out documents "
+        f"({run.state['stages'].get('eval', {}).get('eval_bytes', 0):,} bytes).",
+        "",
+        "## Training",
+        "",
+        "![loss curve](loss.png)",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| steps | {f['train_steps']} |",
+        f"| tokens | {_fmt(f['train_tokens'], ',')} |",
+        f"| throughput | {_fmt(f['train_tokens_per_s'], ',.0f')} tokens/s |",
+        f"| MFU | {_fmt(f['mfu'], '.1%') if f['mfu'] else 'n/a (no GPU peak known for this device)'} |",
+        "",
+        "## Model",
+        "",
+        "```",
+        model_table,
+        "```",
+        "",
+        "## Data",
+        "",
+        "```",
+        data_table,
+        "```",
+        "",
+        "## Tokenizer",
+        "",
+        f"Byte-level BPE, {tok.get('vocab_size')} tokens, trained on {_fmt(tok.get('sample_bytes'), ',')} bytes "
+        f"in {_fmt(tok.get('train_seconds'), '.1f')} s ({_fmt(tok.get('train_mb_per_s'), '.2f')} MB/s); "
+        f"{_fmt(tok.get('bytes_per_token'), '.2f')} bytes per token on held-out text.",
+        "",
+        "## Samples",
+        "",
+    ]
+    for sample in samples:
+        lines += [f"**Prompt** `{sample['prompt']!r}`", "", "```", sample["completion"], "```", ""]
+    lines += [
+        "## Time per stage",
+        "",
+        "| stage | seconds |",
+        "|---|---|",
+        *[f"| {name} | {sec:.1f} |" for name, sec in f["stage_seconds"].items()],
+        "",
+        "## Hardware",
+        "",
+        f"{hw['platform']}, Python {hw['python']}, torch {hw['torch']}, {hw['cpu_count']} CPUs, "
+        f"GPU: {hw['gpu'] or 'none'}.",
+        "",
+        "## Reproduce",
+        "",
+        "```bash",
+        run.state.get("command", "scratchlm run"),
+        f"scratchlm generate {f['model_dir']} --prompt 'def ' --max-tokens 200",
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _closing_message(run: _Run, f: dict[str, Any]) -> str:
+    model_dir = f["model_dir"]
+    return "\n".join([
+        "",
+        f"Done. Held-out bits per byte: model {_fmt(f['val_bpb'])}, gzip -9 {_fmt(f['gzip_bpb'])}, "
+        f"xz -9 {_fmt(f['xz_bpb'])}.",
+        f"Model:  {model_dir}",
+        f"Report: {run.dir / 'report.md'}",
+        "Try it:",
+        f"  scratchlm generate {model_dir} --prompt 'def ' --max-tokens 200 --temperature 0.8",
+        f"  scratchlm model info {model_dir}",
+    ])

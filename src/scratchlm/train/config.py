@@ -1,0 +1,298 @@
+"""Training configuration: five typed sections loaded from YAML or TOML, plus CLI overrides.
+
+A config file maps onto `TrainConfig` section by section. Unknown keys are refused with the
+list of valid ones (a typo must not silently fall back to a default), and every value is
+converted to its field's declared type, so `--optimizer.lr=1e-3` on the command line and
+`lr: 1e-3` in YAML (which PyYAML reads as a *string*) both end up as the float 0.001.
+
+This module imports no torch: the CLI builds one `--section.key` option per field from it,
+and `scratchlm --help` must stay fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from scratchlm.errors import ScratchLMError
+
+
+@dataclass
+class ModelSection:
+    """A preset plus optional overrides of its fields (None keeps the preset's value).
+
+    vocab_size is not here: it always comes from the tokenizer, so the two cannot disagree.
+    """
+
+    preset: str = "tiny"
+    init_from: str | None = None  # a model directory to continue from (its config wins)
+    context_length: int | None = None
+    d_model: int | None = None
+    n_layers: int | None = None
+    n_heads: int | None = None
+    n_kv_heads: int | None = None
+    d_ff: int | None = None
+    norm: str | None = None
+    norm_eps: float | None = None
+    position: str | None = None
+    rope_theta: float | None = None
+    mlp: str | None = None
+    bias: bool | None = None
+    tie_embeddings: bool | None = None
+    qk_norm: bool | None = None
+    dropout: float | None = None
+
+    def overrides(self) -> dict[str, Any]:
+        """The ModelConfig fields this section sets explicitly."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name not in ("preset", "init_from") and getattr(self, f.name) is not None}
+
+
+@dataclass
+class DataSection:
+    dir: str = ""  # a directory written by `scratchlm data prepare`
+    tokenizer: str | None = None  # tokenizer directory; None: the one in model.init_from
+    packing: str = "stream"  # "stream" (concatenate documents) or "document"
+
+
+@dataclass
+class OptimizerSection:
+    name: str = "adamw"  # "adamw" (written here), "torch-adamw" (torch's fused, GPU) or "muon"
+    lr: float = 3e-4  # peak learning rate (for muon: of the AdamW-handled parameters)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
+    muon_ns_steps: int = 5
+
+
+@dataclass
+class ScheduleSection:
+    kind: str = "cosine"  # "cosine" (warmup, cosine to min_lr) or "wsd" (warmup-stable-decay)
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # min_lr = lr * min_lr_ratio
+    decay_fraction: float = 0.2  # wsd only: final share of the budget spent decaying
+
+
+@dataclass
+class RunSection:
+    # Budget: any of the three; the run stops at whichever is reached first and the LR
+    # schedule follows the same "fraction of budget used" (see schedule.py).
+    max_steps: int | None = None
+    max_tokens: int | None = None
+    max_minutes: float | None = None
+    global_batch_tokens: int = 65536  # tokens per optimizer step, across all processes
+    micro_batch_size: int = 8  # sequences per forward pass per process
+    seed: int = 1337
+    device: str = "auto"  # auto (cuda > mps > cpu), cuda, mps, cpu
+    dtype: str = "auto"  # auto (bf16 on CUDA when supported, else fp32), fp32, bf16, fp16
+    compile: bool = False
+    activation_checkpointing: bool = False
+    distributed: str = "ddp"  # under torchrun with >1 process: "ddp" or "fsdp"
+    threads: int | None = None  # torch CPU threads; fixed for bit-exact CPU resume
+    eval_every: int = 200  # steps; 0: only at the end
+    eval_batches: int = 20
+    sample_tokens: int = 64  # tokens generated at each evaluation; 0 disables samples
+    sample_prompt: str = "\n"
+    checkpoint_every: int = 500  # steps; 0: no step-based checkpoints
+    checkpoint_minutes: float | None = 30.0  # also checkpoint after this much wall time
+    keep_checkpoints: int = 3  # the last K are kept, plus the best by validation loss
+    max_bad_steps: int = 10  # consecutive non-finite steps before the run stops
+    log_every: int = 10
+    progress: bool = True  # tqdm bar on stderr
+    tensorboard: bool = True  # write TensorBoard events when tensorboard is installed
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optimizer: OptimizerSection = field(default_factory=OptimizerSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    run: RunSection = field(default_factory=RunSection)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        """Checks that need no files: one budget set, known choices, positive sizes."""
+        run, opt, sched = self.run, self.optimizer, self.schedule
+        if run.max_steps is None and run.max_tokens is None and run.max_minutes is None:
+            raise ScratchLMError("config: set at least one of run.max_steps, run.max_tokens, "
+                                 "run.max_minutes")
+        _choose("optimizer.name", opt.name, ("adamw", "torch-adamw", "muon"))
+        _choose("schedule.kind", sched.kind, ("cosine", "wsd"))
+        _choose("run.device", run.device, ("auto", "cuda", "mps", "cpu"))
+        _choose("run.dtype", run.dtype, ("auto", "fp32", "bf16", "fp16"))
+        _choose("run.distributed", run.distributed, ("ddp", "fsdp"))
+        _choose("data.packing", self.data.packing, ("stream", "document"))
+        for name in ("run.max_steps", "run.max_tokens", "run.max_minutes",
+                     "run.global_batch_tokens", "run.micro_batch_size", "run.eval_batches",
+                     "run.keep_checkpoints", "run.max_bad_steps", "run.log_every",
+                     "run.threads", "run.checkpoint_minutes", "optimizer.lr"):
+            section, key = name.split(".")
+            value = getattr(getattr(self, section), key)
+            if value is not None and not value > 0:
+                raise ScratchLMError(f"config field {name}: must be > 0, got {value!r}")
+        if not 0.0 <= sched.min_lr_ratio <= 1.0:
+            raise ScratchLMError(f"config field schedule.min_lr_ratio: must be in [0, 1], "
+                                 f"got {sched.min_lr_ratio!r}")
+        if not 0.0 < sched.decay_fraction <= 1.0:
+            raise ScratchLMError(f"config field schedule.decay_fraction: must be in (0, 1], "
+                                 f"got {sched.decay_fraction!r}")
+        if not self.data.dir:
+            raise ScratchLMError("config field data.dir: required (a prepared data directory)")
+
+
+SECTIONS: dict[str, type] = typing.get_type_hints(TrainConfig)
+
+
+def field_types(section: str) -> dict[str, Any]:
+    """Declared type of every key of one section (used for parsing and for the CLI)."""
+    return typing.get_type_hints(SECTIONS[section])
+
+
+def load_train_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()
+                      ) -> TrainConfig:
+    """Read a YAML or TOML file (or start from defaults when path is None), apply
+    `section.key=value` overrides (a leading `--` is allowed) and validate."""
+    raw: dict[str, Any] = {}
+    source = "config"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        raw = _read_file(path)
+    config = config_from_dict(raw, source)
+    for item in overrides:
+        apply_override(config, item)
+    config.validate()
+    return config
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "config") -> TrainConfig:
+    if not isinstance(raw, dict):
+        raise ScratchLMError(f"{source}: expected a mapping of sections at the top level")
+    _reject_unknown(raw, SECTIONS, source, "section")
+    sections = {}
+    for name, cls in SECTIONS.items():
+        values = raw.get(name) or {}
+        if not isinstance(values, dict):
+            raise ScratchLMError(f"{source}: section {name!r} must be a mapping")
+        types_ = field_types(name)
+        _reject_unknown(values, types_, source, f"key in section {name!r}")
+        sections[name] = cls(**{key: _coerce(value, types_[key], f"{source}: {name}.{key}")
+                                for key, value in values.items()})
+    return TrainConfig(**sections)
+
+
+def apply_override(config: TrainConfig, item: str) -> None:
+    """Apply one `section.key=value`; the value is parsed as YAML then converted to the type."""
+    text = item[2:] if item.startswith("--") else item
+    dotted, sep, value = text.partition("=")
+    section, dot, key = dotted.partition(".")
+    if not sep or not dot:
+        raise ScratchLMError(f"override {item!r}: expected section.key=value")
+    _reject_unknown({section: None}, SECTIONS, "override", "section")
+    types_ = field_types(section)
+    _reject_unknown({key: None}, types_, "override", f"key in section {section!r}")
+    setattr(getattr(config, section), key, parse_value(value, types_[key], f"override {dotted}"))
+
+
+def parse_value(text: str, type_: Any, where: str) -> Any:
+    """Turn a command-line string into a value of `type_` (strings stay verbatim)."""
+    import yaml
+
+    if str in _members(type_) and text.lower() not in ("null", "none", "~"):
+        return text
+    return _coerce(yaml.safe_load(text) if text.strip() else None, type_, where)
+
+
+def dump_config_yaml(config: TrainConfig) -> str:
+    import yaml
+
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+
+
+# --------------------------------------------------------------------------- helpers
+def _read_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ScratchLMError(f"config file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".toml":
+        try:
+            return tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ScratchLMError(f"{path}: invalid TOML: {exc}") from None
+    import yaml
+
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        raise ScratchLMError(f"{path}:{line} invalid YAML: {getattr(exc, 'problem', exc)}") from None
+
+
+def _reject_unknown(values: dict, valid: dict, source: str, what: str) -> None:
+    unknown = sorted(set(values) - set(valid))
+    if unknown:
+        raise ScratchLMError(f"{source}: unknown {what} {unknown[0]!r}; valid: "
+                             f"{', '.join(valid)}")
+
+
+def _members(type_: Any) -> tuple[Any, ...]:
+    """The alternatives of a union (`int | None` -> (int, NoneType)), else (type_,)."""
+    if isinstance(type_, types.UnionType) or typing.get_origin(type_) is typing.Union:
+        return typing.get_args(type_)
+    return (type_,)
+
+
+def _coerce(value: Any, type_: Any, where: str) -> Any:
+    members = _members(type_)
+    if value is None:
+        if type(None) in members:
+            return None
+        raise ScratchLMError(f"{where}: a value is required")
+    for member in members:
+        if member is bool and isinstance(value, bool):
+            return value
+        if member is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if member is int and isinstance(value, (float, str)):
+            number = _number(value)  # 1e6 in a file means a whole number (PyYAML: a string)
+            if number is not None and float(number).is_integer():
+                return int(number)
+        if member is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            try:
+                return float(value)  # PyYAML reads "3e-4" as a string
+            except ValueError:
+                continue
+        if member is str and isinstance(value, str):
+            return value
+    names = " or ".join("null" if m is type(None) else getattr(m, "__name__", str(m))
+                        for m in members)
+    raise ScratchLMError(f"{where}: expected {names}, got {value!r}")
+
+
+def _number(value: float | str) -> int | float | None:
+    try:
+        return int(value)
+    except ValueError:
+        try:
+            return float(value)
+        except ValueError:
+            return None
+
+
+def _choose(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ScratchLMError(f"config field {name}: must be one of {', '.join(allowed)}, "
+                             f"got {value!r}")

@@ -1,0 +1,165 @@
+"""One process or many: torchrun detection, device choice, DDP / FSDP2 wrapping, small collectives.
+
+Scale-out is PyTorch's own: torchrun starts one process per device and sets RANK,
+LOCAL_RANK and WORLD_SIZE (plus the rendezvous address for multi-node); we call
+init_process_group and wrap the model. Without those variables everything here degrades
+to a single process and every collective is the identity.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from scratchlm.errors import ScratchLMError
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        """Only this process logs, shows progress bars and writes run files."""
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            name = "cuda"
+        elif torch.backends.mps.is_available():
+            name = "mps"
+        else:
+            name = "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ScratchLMError("config field run.device: cuda requested but no CUDA device "
+                                 "is available")
+        return torch.device("cuda", local_rank)
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ScratchLMError("config field run.device: mps requested but not available")
+    return torch.device(name)
+
+
+def init_distributed(device_name: str) -> DistContext:
+    """Join the torchrun process group when launched by torchrun, else a single process."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_name, local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        # NCCL moves GPU tensors over NVLink/InfiniBand; gloo is the CPU fallback (and what
+        # the tests use).
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, rank=rank, world_size=world_size)
+    return DistContext(rank, local_rank, world_size, device)
+
+
+def shutdown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap_model(model: nn.Module, ctx: DistContext, mode: str) -> nn.Module:
+    """DDP: replicate, all-reduce gradients. FSDP2: shard parameters, gradients and optimizer
+    state across processes, each block as its own unit (so only one block's full weights
+    exist at a time), then the root for the embeddings and head."""
+    if not ctx.enabled:
+        return model
+    if mode == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
+        for block in model.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids)
+
+
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, sync: bool) -> Iterator[None]:
+    """Skip the gradient all-reduce on accumulation micro-steps (only the last one syncs):
+    the reduced gradient is the same, with one communication per optimizer step."""
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(sync)
+        yield
+    elif hasattr(model, "no_sync") and not sync:  # DDP
+        with model.no_sync():
+            yield
+    else:
+        yield
+
+
+def all_reduce_max(values: list[float], ctx: DistContext) -> list[float]:
+    """Element-wise max over processes: used so every rank takes the same decisions
+    (stop, checkpoint now, budget progress) from clocks and signals that differ per rank."""
+    if not ctx.enabled:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=_collective_device(ctx))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def all_reduce_sum(values: list[float], ctx: DistContext) -> list[float]:
+    if not ctx.enabled:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=_collective_device(ctx))
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def gather_objects(obj: Any, ctx: DistContext) -> list[Any]:
+    """Every rank's `obj`, in rank order, on every rank."""
+    if not ctx.enabled:
+        return [obj]
+    out: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, ctx: DistContext) -> Any:
+    """Rank 0's `obj` on every rank."""
+    if not ctx.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier(ctx: DistContext) -> None:
+    if ctx.enabled:
+        dist.barrier()
+
+
+def check_same_on_all_ranks(value: str, what: str, ctx: DistContext) -> None:
+    """Refuse to start when processes disagree (e.g. different config files per node)."""
+    values = gather_objects(value, ctx)
+    if any(v != values[0] for v in values):
+        bad = [r for r, v in enumerate(values) if v != values[0]]
+        raise ScratchLMError(f"{what} differs between processes: rank 0 vs rank(s) "
+                             f"{', '.join(map(str, bad))}")
+
+
+def _collective_device(ctx: DistContext) -> torch.device:
+    return ctx.device if ctx.device.type == "cuda" else torch.device("cpu")

@@ -1,0 +1,594 @@
+"""The training loop: one `train()` for a laptop CPU, one GPU, or many GPUs under torchrun.
+
+Reading order: `train` sets up the process group and runs a `Trainer`; `Trainer.__init__`
+builds everything (tokenizer, data, model, optimizer) and checks they agree before any step;
+`Trainer.run` is the loop; `accumulate_gradients` is the one forward/backward of a step.
+
+One optimizer step = `grad_accum` micro-batches per process x `world_size` processes =
+`run.global_batch_tokens` tokens. The loop stops when the budget (steps, tokens or minutes)
+is used up, checkpoints every N steps / M minutes / on Ctrl-C, and writes `final/`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scratchlm.errors import ScratchLMError
+from scratchlm.fsutil import atomic_write_json, atomic_write_text
+from scratchlm.train import checkpoint as ckpt
+from scratchlm.train.config import TrainConfig, dump_config_yaml
+from scratchlm.train.distributed import (DistContext, all_reduce_max, all_reduce_sum,
+                                         check_same_on_all_ranks, gradient_sync,
+                                         init_distributed, shutdown_distributed, wrap_model)
+from scratchlm.train.metrics import (LOSS_PLOT, METRICS_FILE, MetricsLog,
+                                     model_flops_utilization, peak_flops, plot_loss)
+from scratchlm.train.optim import build_optimizer, clip_grad_norm_, set_lr
+from scratchlm.train.schedule import lr_factor
+
+CHECKPOINTS = "checkpoints"
+FINAL = "final"
+
+
+def train(config: TrainConfig, out_dir: str | Path, resume: bool = False) -> dict[str, Any]:
+    """Train per `config` into `out_dir`; with resume=True continue from the latest
+    checkpoint there (a fresh start when there is none). Returns the run summary."""
+    config.validate()
+    owns_group = not torch.distributed.is_initialized()
+    threads = torch.get_num_threads()
+    ctx = init_distributed(config.run.device)
+    try:
+        return Trainer(config, Path(out_dir), ctx).run(resume)
+    finally:
+        torch.set_num_threads(threads)  # run.threads is for this run, not the caller
+        if owns_group:
+            shutdown_distributed()
+
+
+# --------------------------------------------------------------------------- one step
+def accumulate_gradients(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
+                         autocast: Callable[[], contextlib.AbstractContextManager],
+                         scaler: torch.amp.GradScaler) -> torch.Tensor:
+    """Forward and backward over the micro-batches of one step; return their mean loss.
+
+    Each micro-loss is divided by the number of micro-batches so the summed gradients equal
+    those of one big batch's mean loss. Gradient all-reduce happens on the last one only.
+    """
+    total = torch.zeros((), device=batches[0][0].device)
+    for i, (x, y) in enumerate(batches):
+        with gradient_sync(model, sync=i == len(batches) - 1):
+            with autocast():
+                loss = model(x, y)
+            scaler.scale(loss / len(batches)).backward()
+        total += loss.detach()
+    return total / len(batches)
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each block's activations in the backward pass instead of storing them:
+    about a third more compute for memory that no longer grows with depth."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in model.blocks:
+        def forward(x, rope=None, kv_cache=None, _forward=block.forward):
+            if kv_cache is not None or not torch.is_grad_enabled():
+                return _forward(x, rope, kv_cache)  # generation: nothing to save
+            return checkpoint(_forward, x, rope, None, use_reentrant=False)
+        block.forward = forward
+
+
+# --------------------------------------------------------------------------- the trainer
+class Trainer:
+    def __init__(self, config: TrainConfig, out_dir: Path, ctx: DistContext) -> None:
+        self.config, self.out_dir, self.ctx = config, out_dir, ctx
+        run = config.run
+        if run.threads:
+            torch.set_num_threads(run.threads)  # fixed so CPU results (and resumes) repeat
+        check_same_on_all_ranks(dump_config_yaml(config), "the training config", ctx)
+        self.device = ctx.device
+        self.sharded = ctx.enabled and run.distributed == "fsdp"
+        if self.sharded and config.optimizer.name == "muon":
+            raise ScratchLMError("config: optimizer.name muon is not supported with "
+                                 "run.distributed fsdp (Newton-Schulz needs whole matrices); "
+                                 "use ddp")
+
+        self.tokenizer = self._load_tokenizer()
+        self.manifest = self._check_data()
+        self.model_config = self._model_config()
+        self.context_length = self.model_config.context_length
+        self.grad_accum = self._grad_accum()
+
+        # Same seed on every rank for the initial weights (FSDP shards each rank's copy, so
+        # they must agree), then a per-rank seed for dropout.
+        _seed_everything(run.seed)
+        self.raw_model = self._build_model().to(self.device)
+        _seed_everything(run.seed + ctx.rank)
+        self.autocast_dtype = self._autocast_dtype()
+        self.scaler = torch.amp.GradScaler(self.device.type,
+                                           enabled=self.autocast_dtype == torch.float16)
+        if run.activation_checkpointing:
+            enable_activation_checkpointing(self.raw_model)
+        self.model = wrap_model(self.raw_model, ctx, run.distributed)
+        # FSDP shards the parameters of raw_model in place, so it is the one to optimize,
+        # checkpoint and sample from in every mode (self.model may be a DDP/compile wrapper).
+        self.optimizer = build_optimizer(self.raw_model, config.optimizer, self.device.type)
+        if run.compile:
+            self.model = torch.compile(self.model)
+
+        self.train_loader = self._loader("train")
+        self._loader("val")  # an empty or too-small val split fails now, not at the first eval
+        self.token_bytes = torch.as_tensor(np.asarray(self.tokenizer.token_byte_lengths(),
+                                                      dtype=np.int64), device=self.device)
+        self.tokens_per_step = run.global_batch_tokens
+        self.total_steps = self._total_steps()
+        self.metrics = MetricsLog(out_dir, ctx.is_main, run.tensorboard)
+        self.peak_flops = peak_flops(self.device)
+        self.flops_per_token = self.model_config.flops_per_token(self.context_length)
+
+        # Loop state: everything here goes into checkpoints.
+        self.step = 0
+        self.elapsed_before = 0.0  # training seconds of earlier sessions of this run
+        self.warmup_end: float | None = 0.0 if config.schedule.warmup_steps == 0 else None
+        self.best_val_loss: float | None = None
+        self.last_checkpoint: Path | None = None
+
+    # ----------------------------------------------------------------------- setup checks
+    def _say(self, message: str) -> None:
+        if self.ctx.is_main:
+            from tqdm import tqdm
+
+            tqdm.write(message, file=sys.stderr)
+
+    def _load_tokenizer(self):
+        from scratchlm.tokenizer import Tokenizer
+
+        source = self.config.data.tokenizer or self.config.model.init_from
+        if not source:
+            raise ScratchLMError("config field data.tokenizer: required (a tokenizer "
+                                 "directory) unless model.init_from names a model directory")
+        if not Path(source).is_dir():
+            raise ScratchLMError(f"tokenizer directory not found: {source}")
+        return Tokenizer.load(source)
+
+    def _check_data(self) -> dict:
+        from scratchlm.data import read_manifest
+
+        data_dir = Path(self.config.data.dir)
+        if not data_dir.is_dir():
+            raise ScratchLMError(f"config field data.dir: data directory not found: {data_dir}")
+        manifest = read_manifest(data_dir)
+        tok = self.tokenizer
+        if manifest["vocab_size"] != tok.vocab_size:
+            raise ScratchLMError(
+                f"vocabulary mismatch: data {data_dir} was tokenized with vocab_size "
+                f"{manifest['vocab_size']} but the tokenizer has {tok.vocab_size}")
+        if manifest.get("tokenizer_hash") not in (None, tok.fingerprint()):
+            raise ScratchLMError(
+                f"tokenizer mismatch: data {data_dir} was tokenized with tokenizer "
+                f"{manifest['tokenizer_hash'][:12]}, the configured tokenizer is "
+                f"{tok.fingerprint()[:12]}")
+        return manifest
+
+    def _model_config(self):
+        from scratchlm.model import ModelConfig
+
+        section = self.config.model
+        if section.init_from:
+            from scratchlm.model.directory import load_config
+
+            if section.overrides():
+                raise ScratchLMError(f"config: model.init_from is set, so the model fields "
+                                     f"{', '.join(section.overrides())} cannot be overridden")
+            model_config, _ = load_config(section.init_from)
+        else:
+            model_config = ModelConfig.from_preset(section.preset, **section.overrides(),
+                                                   vocab_size=self.tokenizer.vocab_size)
+        if model_config.vocab_size != self.tokenizer.vocab_size:
+            raise ScratchLMError(
+                f"vocabulary mismatch: model {section.init_from} has vocab_size "
+                f"{model_config.vocab_size} but the tokenizer has {self.tokenizer.vocab_size}")
+        return model_config
+
+    def _build_model(self) -> nn.Module:
+        from scratchlm.model import Transformer
+
+        model = Transformer(self.model_config)
+        if self.config.model.init_from:
+            from scratchlm.model.directory import load_model
+
+            pretrained, _ = load_model(self.config.model.init_from)
+            model.load_state_dict(pretrained.state_dict())
+        return model
+
+    def _loader(self, split: str):
+        from scratchlm.data import TokenLoader
+
+        run = self.config.run
+        return TokenLoader(self.config.data.dir, split, run.micro_batch_size, self.context_length,
+                           rank=self.ctx.rank, world_size=self.ctx.world_size, seed=run.seed,
+                           packing=self.config.data.packing)
+
+    def _grad_accum(self) -> int:
+        run = self.config.run
+        per_micro_step = run.micro_batch_size * self.context_length * self.ctx.world_size
+        if run.global_batch_tokens % per_micro_step:
+            raise ScratchLMError(
+                f"config field run.global_batch_tokens: {run.global_batch_tokens} is not a "
+                f"multiple of micro_batch_size x context_length x processes = "
+                f"{run.micro_batch_size} x {self.context_length} x {self.ctx.world_size} = "
+                f"{per_micro_step}")
+        return run.global_batch_tokens // per_micro_step
+
+    def _autocast_dtype(self) -> torch.dtype | None:
+        wanted = self.config.run.dtype
+        if wanted == "auto":
+            # CPU bf16 autocast is slower than fp32 on most CPUs (no bf16 matmul units), so
+            # auto means bf16 only on GPUs that support it.
+            if self.device.type == "cuda" and torch.cuda.is_bf16_supported():
+                return torch.bfloat16
+            return None
+        return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[wanted]
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _total_steps(self) -> int | None:
+        run = self.config.run
+        limits = []
+        if run.max_steps is not None:
+            limits.append(run.max_steps)
+        if run.max_tokens is not None:
+            limits.append(math.ceil(run.max_tokens / self.tokens_per_step))
+        return min(limits) if limits else None
+
+    # ----------------------------------------------------------------------- budget
+    def progress(self, step: int, elapsed: float) -> float:
+        """Fraction of the budget used: the largest of the step and time fractions."""
+        fractions = []
+        if self.total_steps is not None:
+            fractions.append(step / self.total_steps)
+        if self.config.run.max_minutes is not None:
+            fractions.append(elapsed / (60.0 * self.config.run.max_minutes))
+        return max(fractions)
+
+    # ----------------------------------------------------------------------- resume
+    def _restore(self, resume: bool) -> None:
+        root = self.out_dir / CHECKPOINTS
+        latest = ckpt.latest_checkpoint(root)
+        if latest is None:
+            return
+        if not resume:
+            raise ScratchLMError(f"{self.out_dir} already holds checkpoints (latest {latest}); "
+                                 f"pass --resume to continue it or choose another --out")
+        state = ckpt.load_trainer_state(latest)
+        differences = ckpt.diff_model_configs(state["model_config"], self.model_config.to_dict())
+        if differences:
+            raise ScratchLMError(f"cannot resume {latest}: it was trained with another model "
+                                 f"config ({'; '.join(differences)})")
+        if state["world_size"] != self.ctx.world_size:
+            raise ScratchLMError(f"cannot resume {latest}: it was written by "
+                                 f"{state['world_size']} process(es), this run has "
+                                 f"{self.ctx.world_size}")
+        ckpt.load_checkpoint_weights(latest, self.raw_model, self.optimizer, state, self.sharded)
+        opt_cfg = self.config.optimizer
+        for group in self.optimizer.param_groups:  # the config's learning rates win
+            group["base_lr"] = opt_cfg.muon_lr if group.get("use_muon") else opt_cfg.lr
+        self.scaler.load_state_dict(state["scaler"])
+        mine = state["rank_states"][self.ctx.rank]
+        self.train_loader.load_state_dict(mine["loader"])
+        ckpt.restore_rng_state(mine["rng"])
+        self.step = state["step"]
+        self.elapsed_before = state["elapsed_s"]
+        self.warmup_end = state["warmup_end"]
+        self.best_val_loss = state["best_val_loss"]
+        self.last_checkpoint = latest
+        self._say(f"resumed from {latest} (step {self.step})")
+
+    def save_checkpoint(self, elapsed: float, val_loss: float | None) -> Path:
+        trainer_state = {
+            "step": self.step, "tokens": self.step * self.tokens_per_step,
+            "elapsed_s": elapsed, "warmup_end": self.warmup_end,
+            "best_val_loss": self.best_val_loss, "scaler": self.scaler.state_dict(),
+            "model_config": self.model_config.to_dict(),
+        }
+        rank_state = {"rng": ckpt.capture_rng_state(), "loader": self.train_loader.state_dict()}
+        self.last_checkpoint = ckpt.save_checkpoint(
+            self.out_dir / CHECKPOINTS, self.step, model=self.raw_model, tokenizer=self.tokenizer,
+            optimizer=self.optimizer, trainer_state=trainer_state, rank_state=rank_state,
+            val_loss=val_loss, keep=self.config.run.keep_checkpoints, sharded=self.sharded,
+            ctx=self.ctx)
+        return self.last_checkpoint
+
+    # ----------------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean validation loss and bits per byte over the same `eval_batches` batches each
+        time (a fresh loader). The batches are split across ranks, so with eval_batches a
+        multiple of world_size, N processes evaluate exactly the windows one process would.
+
+        bits/byte = total NLL (nats) / ln 2 / total UTF-8 bytes of the predicted tokens:
+        unlike loss per token it compares models with different tokenizers."""
+        run = self.config.run
+        loader = self._loader("val")
+        self.model.eval()
+        nll = torch.zeros((), dtype=torch.float64, device=self.device)
+        n_tokens = n_bytes = 0
+        for _ in range(math.ceil(run.eval_batches / self.ctx.world_size)):
+            x, y = (t.to(self.device) for t in loader.next_batch())
+            with self.autocast():
+                logits = self.model(x)
+            nll += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(),
+                                   reduction="sum").double()
+            n_tokens += y.numel()
+            n_bytes += int(self.token_bytes[y].sum())
+        self.model.train()
+        total_nll, total_tokens, total_bytes = all_reduce_sum(
+            [nll.item(), float(n_tokens), float(n_bytes)], self.ctx)
+        return {"val_loss": total_nll / total_tokens,
+                "val_bpb": total_nll / math.log(2) / max(total_bytes, 1.0)}
+
+    def sample(self) -> str:
+        """A short generation from the prompt (same seed every time, so samples at
+        successive evaluations are comparable). Every rank runs it: under FSDP the forward
+        passes gather weights collectively."""
+        run = self.config.run
+        prompt = self.tokenizer.encode(run.sample_prompt) or [self.tokenizer.eot_id or 0]
+        idx = torch.tensor([prompt[-self.context_length:]], device=self.device)
+        generator = torch.Generator(device=self.device).manual_seed(run.seed)
+        with self.autocast():
+            ids = list(self.raw_model.generate(idx, run.sample_tokens, temperature=0.8,
+                                               top_k=50, generator=generator,
+                                               stop_token=self.tokenizer.eot_id))
+        return self.tokenizer.decode(prompt + ids)
+
+    # ----------------------------------------------------------------------- the loop
+    def run(self, resume: bool) -> dict[str, Any]:
+        run = self.config.run
+        self._restore(resume)
+        if self.ctx.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.out_dir / "config.yaml", dump_config_yaml(self.config))
+            self.metrics.truncate_after(self.step)
+        self._say(self._banner())
+
+        session_start = time.monotonic()
+        step_seconds = 0.0  # time in optimizer steps only (for tokens/s), this session
+        steps_this_session = 0
+        last_checkpoint_time = session_start
+        bad_streak = 0
+        eval_result: dict[str, float] = {}
+        eval_step = -1
+        bar = self._progress_bar()
+        with _stop_requests() as stop_requested:
+            while True:
+                now = time.monotonic()
+                elapsed = self.elapsed_before + now - session_start
+                # Ranks read different clocks and signals: agree on the largest.
+                elapsed, stop, checkpoint_due = all_reduce_max(
+                    [elapsed, float(stop_requested()),
+                     float(run.checkpoint_minutes is not None
+                           and now - last_checkpoint_time >= 60 * run.checkpoint_minutes)],
+                    self.ctx)
+                if stop or checkpoint_due:
+                    if self.step > 0 and bad_streak == 0 and not self._checkpointed_now():
+                        self.save_checkpoint(elapsed, None)
+                    last_checkpoint_time = time.monotonic()
+                    if stop:
+                        bar.close()
+                        self._say(f"interrupted at step {self.step}; checkpoint "
+                                  f"{self.last_checkpoint}")
+                        raise KeyboardInterrupt
+                progress = self.progress(self.step, elapsed)
+                if progress >= 1.0:
+                    break
+                if self.warmup_end is None and self.step >= self.config.schedule.warmup_steps:
+                    self.warmup_end = progress
+                lr_scale = lr_factor(self.config.schedule, self.step, progress,
+                                     self.warmup_end or 0.0)
+                set_lr(self.optimizer, lr_scale)
+
+                t0 = time.monotonic()
+                loss, grad_norm, ok = self.train_step()
+                step_seconds += time.monotonic() - t0
+                steps_this_session += 1
+                self.step += 1
+                bad_streak = 0 if ok else bad_streak + 1
+                if not ok:
+                    self._on_bad_step(loss, grad_norm, bad_streak)
+
+                tokens_per_s = steps_this_session * self.tokens_per_step / max(step_seconds, 1e-9)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}",
+                                eta=_eta(elapsed, progress), refresh=False)
+                elapsed = self.elapsed_before + time.monotonic() - session_start
+                if self.step % run.log_every == 0 or self.step == 1:
+                    self.metrics.log(dict(kind="train", step=self.step, tokens=self.tokens,
+                                          loss=loss, grad_norm=grad_norm,
+                                          lr=self.optimizer.param_groups[0]["lr"],
+                                          tokens_per_s=tokens_per_s, elapsed_s=elapsed,
+                                          mfu=self._mfu(tokens_per_s)))
+                val_loss = None
+                if run.eval_every and self.step % run.eval_every == 0:
+                    eval_result, eval_step = self._evaluate_and_log(elapsed), self.step
+                    val_loss = eval_result["val_loss"]
+                if run.checkpoint_every and self.step % run.checkpoint_every == 0 \
+                        and bad_streak == 0:
+                    self.save_checkpoint(elapsed, val_loss)
+                    last_checkpoint_time = time.monotonic()
+        bar.close()
+
+        elapsed = self.elapsed_before + time.monotonic() - session_start
+        if eval_step != self.step:
+            eval_result = self._evaluate_and_log(elapsed)
+        if not self._checkpointed_now():  # so a later --resume finds the finished state
+            self.save_checkpoint(elapsed, eval_result["val_loss"])
+        return self._finish(elapsed, eval_result, step_seconds, steps_this_session)
+
+    def _checkpointed_now(self) -> bool:
+        return (self.last_checkpoint is not None
+                and self.last_checkpoint.name == ckpt.checkpoint_name(self.step))
+
+    @property
+    def tokens(self) -> int:
+        return self.step * self.tokens_per_step
+
+    def train_step(self) -> tuple[float, float, bool]:
+        """One optimizer step; returns (mean loss, gradient norm, whether it was applied)."""
+        batches = [tuple(t.to(self.device, non_blocking=True)
+                         for t in self.train_loader.next_batch())
+                   for _ in range(self.grad_accum)]
+        loss = accumulate_gradients(self.model, batches, self.autocast, self.scaler)
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = clip_grad_norm_(self.raw_model.parameters(), self.config.optimizer.grad_clip)
+        loss_value, norm_value = all_reduce_sum([loss.item(), grad_norm.item()], self.ctx)
+        loss_value /= self.ctx.world_size
+        norm_value /= self.ctx.world_size
+        ok = math.isfinite(loss_value) and math.isfinite(norm_value)
+        if ok:
+            self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_value, norm_value, ok
+
+    def _on_bad_step(self, loss: float, grad_norm: float, streak: int) -> None:
+        limit = self.config.run.max_bad_steps
+        self._say(f"step {self.step}: non-finite loss ({loss}) or gradient norm ({grad_norm}); "
+                  f"update skipped ({streak}/{limit} in a row)")
+        if streak >= limit:
+            raise ScratchLMError(
+                f"{streak} consecutive non-finite steps (up to step {self.step}): stopping. "
+                f"Last good checkpoint: {self.last_checkpoint or 'none'}; lower optimizer.lr "
+                f"or check the data")
+
+    def _evaluate_and_log(self, elapsed: float) -> dict[str, float]:
+        result = self.evaluate()
+        if self.best_val_loss is None or result["val_loss"] < self.best_val_loss:
+            self.best_val_loss = result["val_loss"]
+        self.metrics.log(dict(kind="eval", step=self.step, tokens=self.tokens,
+                              elapsed_s=elapsed, **result))
+        self._say(f"step {self.step}: val loss {result['val_loss']:.4f}, "
+                  f"{result['val_bpb']:.4f} bits/byte")
+        if self.config.run.sample_tokens > 0:
+            text = self.sample()
+            self.metrics.log(dict(kind="sample", step=self.step, tokens=self.tokens, text=text))
+            self._say(f"sample: {text!r}")
+        return result
+
+    def _mfu(self, tokens_per_s: float) -> float | None:
+        return model_flops_utilization(tokens_per_s, self.flops_per_token, self.peak_flops,
+                                       self.ctx.world_size)
+
+    def _finish(self, elapsed: float, eval_result: dict[str, float], step_seconds: float,
+                steps_this_session: int) -> dict[str, Any]:
+        final_dir = self.out_dir / FINAL
+        full_weights = None
+        if self.sharded:
+            full_weights = ckpt.gather_full_weights(self.raw_model, self.ctx)
+        tokens_per_s = (steps_this_session * self.tokens_per_step / step_seconds
+                        if step_seconds > 0 else None)
+        summary = {
+            "steps": self.step, "tokens": self.tokens, "elapsed_s": round(elapsed, 3),
+            "train_tokens_per_s": tokens_per_s, "tokens_per_s": tokens_per_s,
+            "mfu": self._mfu(tokens_per_s) if tokens_per_s else None,
+            "val_loss": eval_result.get("val_loss"), "val_bpb": eval_result.get("val_bpb"),
+            "best_val_loss": self.best_val_loss, "final_dir": str(final_dir),
+            "best_checkpoint": None, "device": str(self.device),
+            "world_size": self.ctx.world_size,
+        }
+        if self.ctx.is_main:
+            from scratchlm.model.directory import save_model
+
+            save_model(final_dir, self.raw_model, self.tokenizer, extra={"summary": _json_safe(summary)},
+                       state_dict=full_weights)
+            best = ckpt.best_checkpoint(self.out_dir / CHECKPOINTS)
+            summary["best_checkpoint"] = str(best) if best else None
+            plot_loss(self.out_dir / METRICS_FILE, self.out_dir / LOSS_PLOT)
+            atomic_write_json(self.out_dir / "summary.json", _json_safe(summary))
+            self._say(f"done: {self.step} steps, {self.tokens:,} tokens, val loss "
+                      f"{summary['val_loss']:.4f}, {summary['val_bpb']:.4f} bits/byte; "
+                      f"model in {final_dir}")
+        self.metrics.close()
+        return summary
+
+    def _banner(self) -> str:
+        n_params = self.raw_model.num_params() if not self.sharded else \
+            self.model_config.num_params()
+        dtype = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.autocast_dtype]
+        budget = ", ".join(f"{k}={v}" for k, v in (("max_steps", self.config.run.max_steps),
+                                                  ("max_tokens", self.config.run.max_tokens),
+                                                  ("max_minutes", self.config.run.max_minutes))
+                           if v is not None)
+        mode = (self.config.run.distributed if self.ctx.enabled else "single process")
+        return (f"training {n_params / 1e6:.2f}M parameters on {self.device} ({dtype}, {mode}, "
+                f"{self.ctx.world_size} process(es), {torch.get_num_threads()} CPU threads); "
+                f"{self.tokens_per_step:,} tokens/step = {self.grad_accum} micro-batch(es) of "
+                f"{self.config.run.micro_batch_size}x{self.context_length} per process; {budget}; "
+                f"MFU {'n/a (no GPU peak known)' if self.peak_flops is None else 'reported'}")
+
+    def _progress_bar(self):
+        from tqdm import tqdm
+
+        return tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step",
+                    disable=not (self.ctx.is_main and self.config.run.progress),
+                    file=sys.stderr, dynamic_ncols=True)
+
+
+# --------------------------------------------------------------------------- helpers
+def _seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _eta(elapsed: float, progress: float) -> str:
+    if progress <= 0:
+        return "?"
+    seconds = int(elapsed * (1 - progress) / progress)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+@contextlib.contextmanager
+def _stop_requests() -> Iterator[Callable[[], bool]]:
+    """Turn Ctrl-C / SIGTERM (e.g. Slurm preemption) into a request the loop handles at a
+    step boundary: it checkpoints, then raises KeyboardInterrupt. A signal landing inside
+    optimizer.step() would otherwise leave half-updated weights. A second Ctrl-C interrupts
+    at once. Only the main thread can install handlers; elsewhere signals act as usual."""
+    requested = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield requested.is_set
+        return
+
+    def handler(signum, frame):  # noqa: ARG001
+        if requested.is_set():
+            raise KeyboardInterrupt
+        requested.set()
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield requested.is_set
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

@@ -1,0 +1,212 @@
+"""Optimizers written out: AdamW, Muon (+AdamW for the rest), and global-norm clipping.
+
+Both optimizers subclass `torch.optim.Optimizer` only to inherit its bookkeeping
+(param_groups, state_dict/load_state_dict); the update rules are written here.
+Every group carries `base_lr`; the schedule scales `lr` by one factor for all groups, so
+Muon's much larger learning rate keeps its ratio to AdamW's throughout the run.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from scratchlm.train.config import OptimizerSection
+
+
+def adamw_update_(param: torch.Tensor, grad: torch.Tensor, state: dict, lr: float,
+                  beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
+    """One AdamW step on one tensor, in place (Loshchilov & Hutter 2019).
+
+    Decoupled weight decay: the parameter shrinks by lr*wd directly instead of adding wd*p
+    to the gradient, so decay does not pass through Adam's per-coordinate scaling.
+    """
+    if not state:
+        state["step"] = torch.zeros((), dtype=torch.float32)
+        state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+    state["step"] += 1
+    step = state["step"].item()
+    m, v = state["exp_avg"], state["exp_avg_sq"]
+    param.mul_(1 - lr * weight_decay)
+    m.lerp_(grad, 1 - beta1)  # m = beta1*m + (1-beta1)*g
+    v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    # Bias correction: m and v start at zero, so early averages are too small by these factors.
+    bias_correction1 = 1 - beta1 ** step
+    bias_correction2 = 1 - beta2 ** step
+    denom = (v.sqrt() / math.sqrt(bias_correction2)).add_(eps)
+    param.addcdiv_(m, denom, value=-lr / bias_correction1)
+
+
+class AdamW(torch.optim.Optimizer):
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.01) -> None:
+        defaults = dict(lr=lr, base_lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ARG002 - the torch.optim signature
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is not None:
+                    adamw_update_(p, p.grad, self.state[p], group["lr"], beta1, beta2,
+                                  group["eps"], group["weight_decay"])
+
+
+# Coefficients of the quintic iteration from Keller Jordan's Muon: chosen to push all singular
+# values towards 1 as fast as possible from the normalised start, at the cost of converging
+# to roughly [0.7, 1.2] instead of exactly 1 (which is enough for an update direction).
+_NS_COEFFS = (3.4445, -4.7750, 2.0315)
+
+
+def newton_schulz_orthogonalize(grad: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """Approximate U V^T of G = U S V^T with a few matrix products (no SVD)."""
+    a, b, c = _NS_COEFFS
+    # bf16 halves the matmul cost on GPU and the iteration is robust to it; CPUs without
+    # fast bf16 matmuls run it in fp32.
+    dtype = torch.bfloat16 if grad.is_cuda else torch.float32
+    x = grad.to(dtype)
+    transposed = x.size(0) > x.size(1)
+    if transposed:  # iterate on the smaller Gram matrix X X^T
+        x = x.mT
+    x = x / (x.norm() + 1e-7)  # spectral norm <= Frobenius norm = 1: inside the basin
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    if transposed:
+        x = x.mT
+    return x.to(grad.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon for hidden 2-D weights (groups with use_muon=True), AdamW for every other group.
+
+    Muon: SGD momentum (Nesterov), then the update is replaced by its orthogonalisation, so
+    every direction of the weight matrix moves by a similar amount. Scaled by
+    sqrt(max(1, rows/cols)) so tall matrices get a comparable per-element step.
+    """
+
+    def __init__(self, param_groups: list[dict], lr: float, momentum: float, ns_steps: int,
+                 betas: tuple[float, float], eps: float, weight_decay: float) -> None:
+        defaults = dict(lr=lr, base_lr=lr, momentum=momentum, ns_steps=ns_steps, betas=betas,
+                        eps=eps, weight_decay=weight_decay, use_muon=False)
+        super().__init__(param_groups, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ARG002
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if group["use_muon"]:
+                    self._muon_update(p, group)
+                else:
+                    beta1, beta2 = group["betas"]
+                    adamw_update_(p, p.grad, self.state[p], group["lr"], beta1, beta2,
+                                  group["eps"], group["weight_decay"])
+
+    def _muon_update(self, p: torch.Tensor, group: dict) -> None:
+        state = self.state[p]
+        if not state:
+            state["momentum_buffer"] = torch.zeros_like(p)
+        buf, momentum = state["momentum_buffer"], group["momentum"]
+        buf.lerp_(p.grad, 1 - momentum)
+        update = p.grad.lerp(buf, momentum)  # Nesterov: look one momentum step ahead
+        update = newton_schulz_orthogonalize(update, group["ns_steps"])
+        update *= max(1.0, p.size(0) / p.size(1)) ** 0.5
+        p.mul_(1 - group["lr"] * group["weight_decay"])
+        p.add_(update, alpha=-group["lr"])
+
+
+def split_decay_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(decay, no_decay): matrices decay; norms, biases and embeddings do not.
+
+    Decaying a norm's gain or a bias pulls it towards 0, which is not a simpler model; an
+    embedding row only gets gradient when its token appears, so decay would erase rare tokens.
+    A tied output head shares the embedding tensor and is counted once, as an embedding.
+    """
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, no_decay, seen = [], [], set()
+    for p in model.parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (no_decay if p.dim() < 2 or id(p) in embeddings else decay).append(p)
+    return decay, no_decay
+
+
+def hidden_matrices(model: nn.Module) -> set[int]:
+    """ids of the 2-D weights inside the transformer blocks: the ones Muon handles.
+    Embeddings and the output head stay with AdamW (Muon's orthogonal update suits
+    hidden linear maps, not lookup tables or the logit projection)."""
+    return {id(p) for p in model.blocks.parameters() if p.dim() == 2}
+
+
+def build_optimizer(model: nn.Module, cfg: OptimizerSection, device_type: str
+                    ) -> torch.optim.Optimizer:
+    decay, no_decay = split_decay_params(model)
+    betas = (cfg.beta1, cfg.beta2)
+    if cfg.name == "muon":
+        muon_ids = hidden_matrices(model)
+        groups = [
+            dict(params=[p for p in decay if id(p) in muon_ids], use_muon=True,
+                 lr=cfg.muon_lr, base_lr=cfg.muon_lr),
+            dict(params=[p for p in decay if id(p) not in muon_ids], lr=cfg.lr, base_lr=cfg.lr),
+            dict(params=no_decay, weight_decay=0.0, lr=cfg.lr, base_lr=cfg.lr),
+        ]
+        return Muon([g for g in groups if g["params"]], lr=cfg.lr, momentum=cfg.muon_momentum,
+                    ns_steps=cfg.muon_ns_steps, betas=betas, eps=cfg.eps,
+                    weight_decay=cfg.weight_decay)
+    groups = [dict(params=decay), dict(params=no_decay, weight_decay=0.0)]
+    if cfg.name == "torch-adamw":
+        # torch's fused CUDA kernel: one launch for all tensors instead of ~10 per tensor.
+        opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps,
+                                weight_decay=cfg.weight_decay, fused=device_type == "cuda")
+        for group in opt.param_groups:
+            group["base_lr"] = cfg.lr
+        return opt
+    return AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * factor
+
+
+@torch.no_grad()
+def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Scale all gradients so their global L2 norm is at most max_norm; return the norm
+    before clipping (non-finite if any gradient is).
+
+    Same rule as torch.nn.utils.clip_grad_norm_ (coefficient max_norm / (norm + 1e-6),
+    capped at 1). FSDP2 gradients are DTensor shards that partition each tensor, so the
+    local sums of squares add up across processes with one all-reduce.
+    """
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    local = [_local(g) for g in grads]
+    norm_sq = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) ** 2
+                           for g in local]).sum()
+    if _is_sharded(grads[0]):
+        torch.distributed.all_reduce(norm_sq)
+    total = norm_sq.sqrt()
+    if max_norm > 0:
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for g in local:
+            g.mul_(coef.to(g.device))
+    return total
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if _is_sharded(t) else t
+
+
+def _is_sharded(t: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)

@@ -1,0 +1,139 @@
+"""Sampling and generation: token level (Transformer.generate) and text level (scratchlm.infer)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from scratchlm.errors import ScratchLMError
+from scratchlm.infer import generate, generate_text
+from scratchlm.model import ModelConfig, Transformer
+from scratchlm.model.sampling import sample_next_token
+from scratchlm.tokenizer import Tokenizer
+
+VOCAB = 257  # byte tokenizer: 256 bytes + <|endoftext|>
+
+
+@pytest.fixture(scope="module")
+def model() -> Transformer:
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_preset(
+        "tiny", vocab_size=VOCAB, context_length=24, d_model=32, n_layers=2, n_heads=4,
+        n_kv_heads=2, d_ff=64))
+    # Larger weights than at init give peaked, well-separated logits, so a greedy choice
+    # never hinges on a 1e-7 rounding difference between cached and uncached computation.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(8.0 if p.dim() > 1 else 1.0)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    return Tokenizer({i: bytes([i]) for i in range(256)}, [], ["<|endoftext|>"])
+
+
+def greedy_without_cache(model: Transformer, prompt: list[int], steps: int) -> list[int]:
+    tokens = list(prompt)
+    for _ in range(steps):
+        logits = model(torch.tensor([tokens]))
+        tokens.append(int(logits[0, -1].argmax()))
+    return tokens[len(prompt):]
+
+
+# --------------------------------------------------------------------------- token level
+def test_greedy_with_cache_equals_recomputed_argmax(model):
+    prompt = [5, 100, 42, 7]
+    expected = greedy_without_cache(model, prompt, 15)  # 19 tokens: within the 24-token window
+    assert list(model.generate(torch.tensor([prompt]), 15, temperature=0)) == expected
+    assert list(model.generate(torch.tensor([prompt]), 15, top_k=1)) == expected
+
+
+def test_generation_runs_past_the_context_window(model):
+    """Once 24 positions are used the cache is rebuilt from the last 12 tokens."""
+    prompt = [1, 2, 3]
+    out = list(model.generate(torch.tensor([prompt]), 40, temperature=0))
+    assert len(out) == 40
+    tokens = prompt + out
+    # Until the window is full, nothing changes from the plain computation.
+    assert out[:21] == greedy_without_cache(model, prompt, 21)
+    # The first token after the rebuild is the argmax given only the most recent 12 tokens.
+    assert out[21] == int(model(torch.tensor([tokens[12:24]]))[0, -1].argmax())
+
+
+def test_seeds_make_sampling_reproducible(model):
+    def sample(seed: int) -> list[int]:
+        gen = torch.Generator().manual_seed(seed)
+        return list(model.generate(torch.tensor([[1]]), 20, temperature=1.5, generator=gen))
+    assert sample(1) == sample(1)
+    assert sample(1) != sample(2)
+
+
+def test_stop_token_ends_generation_before_it(model):
+    greedy = list(model.generate(torch.tensor([[9, 9]]), 6, temperature=0))
+    stop = greedy[3]
+    first = greedy.index(stop)
+    assert list(model.generate(torch.tensor([[9, 9]]), 6, temperature=0, stop_token=stop)) == greedy[:first]
+
+
+def test_generate_restores_training_mode(model):
+    model.train()
+    try:
+        list(model.generate(torch.tensor([[1]]), 2))
+        assert model.training
+    finally:
+        model.eval()
+
+
+def test_bad_arguments(model):
+    with pytest.raises(ScratchLMError, match="shape"):
+        next(model.generate(torch.tensor([[1], [2]]), 3))
+    with pytest.raises(ScratchLMError, match="top_p"):
+        next(model.generate(torch.tensor([[1]]), 3, top_p=0.0))
+    with pytest.raises(ScratchLMError, match="temperature"):
+        next(model.generate(torch.tensor([[1]]), 3, temperature=-1))
+
+
+# --------------------------------------------------------------------------- sampling filters
+def _draws(logits: torch.Tensor, n: int = 400, **kwargs) -> set[int]:
+    gen = torch.Generator().manual_seed(0)
+    return {sample_next_token(logits, generator=gen, **kwargs) for _ in range(n)}
+
+
+def test_top_k_and_top_p_keep_only_the_head_of_the_distribution():
+    probs = torch.tensor([0.05, 0.5, 0.15, 0.3])
+    logits = probs.log()
+    assert _draws(logits) == {0, 1, 2, 3}
+    assert _draws(logits, top_k=2) == {1, 3}
+    # Nucleus 0.7: 0.5 is not enough, 0.5 + 0.3 reaches it, so tokens 1 and 3 remain.
+    assert _draws(logits, top_p=0.7) == {1, 3}
+    assert _draws(logits, top_p=0.8) == {1, 3}  # reached exactly: the next token is not needed
+    assert _draws(logits, top_p=0.81) == {1, 2, 3}
+    assert _draws(logits, top_p=1e-6) == {1}
+    assert sample_next_token(logits, temperature=0) == 1
+
+
+# --------------------------------------------------------------------------- text level
+@pytest.mark.parametrize("seed", range(5))
+def test_text_pieces_join_to_the_decoded_tokens(model, tokenizer, seed):
+    """Random bytes from an untrained model are mostly invalid UTF-8: the streamed pieces
+    must still join to exactly what Tokenizer.decode gives for the same tokens."""
+    pieces = list(generate(model, tokenizer, "Hi", max_new_tokens=30, temperature=1.0, seed=seed))
+    gen = torch.Generator().manual_seed(seed)
+    ids = list(model.generate(torch.tensor([tokenizer.encode("Hi")]), 30, temperature=1.0,
+                              generator=gen, stop_token=tokenizer.eot_id))
+    assert "".join(pieces) == tokenizer.decode(ids)
+    assert generate_text(model, tokenizer, "Hi", max_new_tokens=30, temperature=1.0, seed=seed) == "".join(pieces)
+
+
+def test_incomplete_characters_are_held_back(model, tokenizer, monkeypatch):
+    # "é" is 0xC3 0xA9 and "€" is 0xE2 0x82 0xAC: one byte per token here.
+    sequence = list("a".encode()) + list("é€".encode()) + [0xE2]
+    monkeypatch.setattr(model, "generate", lambda *args, **kwargs: iter(sequence))
+    pieces = list(generate(model, tokenizer, "x", max_new_tokens=10))
+    assert pieces == ["a", "é", "€", "\ufffd"]  # the dangling 0xE2 is flushed at the end
+
+
+def test_empty_prompt_starts_a_new_document(model, tokenizer):
+    assert generate_text(model, tokenizer, "", max_new_tokens=5, temperature=0) == \
+        tokenizer.decode(greedy_without_cache(model, [tokenizer.eot_id], 5))
