@@ -56,10 +56,10 @@ def gpt2() -> Tokenizer:
     return Tokenizer.from_gpt2(shared_file("tokenizers/gpt2/encoder.json"), shared_file("tokenizers/gpt2/vocab.bpe"))
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Tokenizer:
+@pytest.fixture(scope="module", params=["gpt2", "gpt4"])
+def trained(request) -> Tokenizer:
     files = [shared_file(n) for n in ("corpora/tinystories_valid_head.txt", "corpora/wiki_demo.txt")]
-    return Tokenizer.train(files, vocab_size=3000, special_tokens=[EOT])
+    return Tokenizer.train(files, vocab_size=3000, special_tokens=[EOT], pattern=request.param)
 
 
 def test_gpt2_known_ids(gpt2):
@@ -105,6 +105,7 @@ def test_trained_matches_tiktoken_built_independently(trained):
     assert trained.encode(text) == encoding.encode(text, allowed_special="all")
 
 
+@pytest.mark.slow
 def test_encode_iterable_large_file_bounded_memory(gpt2, tmp_path):
     text = read_corpus("corpora/tinyshakespeare.txt")
     path = tmp_path / "big.txt"

@@ -10,6 +10,7 @@ from scratchlm.cli import main
 from scratchlm.errors import ScratchLMError
 from scratchlm.model import ModelConfig
 from scratchlm.train.config import ModelSection, TrainConfig, load_train_config
+from tests.conftest import REPO_ROOT
 
 YAML = """
 model: {preset: tiny, n_layers: 2}
@@ -105,3 +106,14 @@ def test_effective_config_round_trips_through_yaml(tmp_path):
     path.write_text(dump_config_yaml(config))
     assert load_train_config(path) == config
     assert isinstance(config, TrainConfig)
+
+
+def test_shipped_configs_load():
+    configs = sorted((REPO_ROOT / "configs").glob("*.yaml"))
+    assert {p.name for p in configs} >= {"cpu-smoke.yaml", "tinyshakespeare.yaml",
+                                         "tinystories-small.yaml", "gpt2-124m-fineweb-8gpu.yaml"}
+    for path in configs:
+        config = load_train_config(path)
+        # Every shipped global batch divides into whole micro-batches of one process.
+        context = config.model.context_length
+        assert config.run.global_batch_tokens % (config.run.micro_batch_size * context) == 0

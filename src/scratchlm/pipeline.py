@@ -228,7 +228,17 @@ class _Run:
     def _corpus_specs(self) -> list[str]:
         return self._specs(self.settings.corpus)
 
+    def check_inputs(self) -> None:
+        """Fail on a missing corpus path before anything is written."""
+        from scratchlm.data.hub import CORPORA
+        from scratchlm.data.sources import resolve_input
+
+        for spec in (*self.settings.corpus, *self.settings.val_corpus):
+            if spec not in CORPORA:
+                resolve_input(spec)
+
     def execute(self) -> dict[str, Any]:
+        self.check_inputs()
         self.dir.mkdir(parents=True, exist_ok=True)
         self._save_state()
         for stage in STAGES:

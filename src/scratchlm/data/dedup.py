@@ -16,9 +16,9 @@ Comparing all pairs is quadratic, so LSH banding (Leskovec et al., Mining of Mas
 ch. 3.4) cuts each signature into b bands of r rows; documents that agree on a whole band
 become candidates. A pair with similarity s becomes a candidate with probability
 1 − (1 − s^r)^b, an S-curve whose midpoint sits near (1/b)^(1/r). `choose_bands` picks (b, r)
-minimising the area of false positives below the threshold plus false negatives above it,
-then every candidate pair is verified by its estimated Jaccard, so the S-curve only has to be
-generous. Verified pairs are merged with union-find and the first document of each cluster
+minimising the weighted areas of false positives below the threshold and false negatives
+above it (misses weigh more), then every candidate pair is verified by its estimated Jaccard,
+so the S-curve only has to be generous. Verified pairs are merged with union-find and the first document of each cluster
 is kept.
 """
 
@@ -27,6 +27,8 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
+
+from scratchlm.data.filters import ngram_keys
 
 _MAX_HASH = np.uint64((1 << 32) - 1)
 _SHIFT = np.uint64(32)
@@ -45,9 +47,16 @@ def exact_key(text: str) -> bytes:
 _WORD_BASE = 0x100000001B3  # the 64-bit FNV prime; any odd constant works
 _WHITESPACE = np.zeros(256, dtype=bool)
 _WHITESPACE[[9, 10, 11, 12, 13, 32]] = True
-_NGRAM_BASE = np.uint64(0x9E3779B97F4A7C15)
+_WORD_BASE_INVERSE = pow(_WORD_BASE, -1, 1 << 64)
 _powers = np.ones(1, dtype=np.uint64)
 _inverse_powers = np.ones(1, dtype=np.uint64)
+
+
+def _power_table(base: int, size: int) -> np.ndarray:
+    table = np.empty(size, dtype=np.uint64)
+    table[0] = 1
+    table[1:] = np.multiply.accumulate(np.full(size - 1, base, dtype=np.uint64))
+    return table
 
 
 def _power_tables(n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -55,11 +64,7 @@ def _power_tables(n: int) -> tuple[np.ndarray, np.ndarray]:
     global _powers, _inverse_powers
     if len(_powers) < n:
         size = max(n, 2 * len(_powers))
-        for base, name in ((_WORD_BASE, "_powers"), (pow(_WORD_BASE, -1, 1 << 64), "_inverse_powers")):
-            table = np.empty(size, dtype=np.uint64)
-            table[0] = 1
-            table[1:] = np.multiply.accumulate(np.full(size - 1, base, dtype=np.uint64))
-            globals()[name] = table
+        _powers, _inverse_powers = _power_table(_WORD_BASE, size), _power_table(_WORD_BASE_INVERSE, size)
     return _powers[:n], _inverse_powers[:n]
 
 
@@ -90,21 +95,23 @@ class MinHasher:
         word_hashes = word_hashes_of(text.lower())
         if len(word_hashes) == 0:
             return np.zeros(1, dtype=np.uint64)
-        n = min(self.ngram, len(word_hashes))
-        keys = np.zeros(len(word_hashes) - n + 1, dtype=np.uint64)
-        for i in range(n):
-            keys = keys * _NGRAM_BASE + word_hashes[i : len(word_hashes) - n + 1 + i]
+        keys = ngram_keys(word_hashes, min(self.ngram, len(word_hashes)))
         return np.unique((keys ^ (keys >> _SHIFT)) & _MAX_HASH)
 
-    def signature(self, text: str, chunk: int = 8192) -> np.ndarray:
+    def signature(self, text: str, chunk: int = 2048) -> np.ndarray:
         """The (num_perm,) uint32 MinHash signature of `text`."""
         shingles = self.shingles(text)
-        signature = np.full(self.num_perm, _MAX_HASH, dtype=np.uint64)
-        with np.errstate(over="ignore"):
-            for start in range(0, len(shingles), chunk):
-                hashed = (shingles[start : start + chunk, None] * self.a + self.b) >> _SHIFT
-                np.minimum(signature, hashed.min(axis=0), out=signature)
-        return signature.astype(np.uint32)
+        # The shift is monotonic, so the minimum of (a·x + b) is taken before shifting, once per
+        # permutation instead of once per shingle; a reused buffer keeps the work in cache.
+        lowest = np.full(self.num_perm, np.iinfo(np.uint64).max, dtype=np.uint64)
+        buffer = np.empty((min(chunk, len(shingles)), self.num_perm), dtype=np.uint64)
+        for start in range(0, len(shingles), chunk):
+            block = shingles[start : start + chunk]
+            hashed = buffer[: len(block)]
+            np.multiply(block[:, None], self.a, out=hashed)
+            hashed += self.b
+            np.minimum(lowest, hashed.min(axis=0), out=lowest)
+        return (lowest >> _SHIFT).astype(np.uint32)
 
 
 def estimated_jaccard(sig_a: np.ndarray, sig_b: np.ndarray) -> float:

@@ -154,12 +154,14 @@ def duplicate_stats(items: list[str]) -> tuple[int, int]:
     return count, chars
 
 
-def _ngram_keys(word_ids: np.ndarray, n: int) -> np.ndarray:
-    """A 64-bit key per word n-gram: a polynomial hash of word ids (wrapping arithmetic)."""
-    keys = np.zeros(len(word_ids) - n + 1, dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        for i in range(n):
-            keys = keys * np.uint64(1_000_003) + word_ids[i : len(word_ids) - n + 1 + i]
+_NGRAM_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)  # odd, bits well spread (2^64 / golden ratio)
+
+
+def ngram_keys(word_values: np.ndarray, n: int) -> np.ndarray:
+    """A 64-bit key per word n-gram: a polynomial in the words' ids or hashes, mod 2^64."""
+    keys = np.zeros(len(word_values) - n + 1, dtype=np.uint64)
+    for i in range(n):
+        keys = keys * _NGRAM_MULTIPLIER + word_values[i : len(word_values) - n + 1 + i]
     return keys
 
 
@@ -167,8 +169,8 @@ def top_ngram_char_fraction(view: DocView, n: int) -> float:
     """Characters in all occurrences of the most frequent word n-gram, over all word characters."""
     if len(view.words) < n or view.word_chars == 0:
         return 0.0
-    keys = _ngram_keys(view.word_ids, n)
-    uniq, first, counts = np.unique(keys, return_index=True, return_counts=True)
+    keys = ngram_keys(view.word_ids, n)
+    _, first, counts = np.unique(keys, return_index=True, return_counts=True)
     top = int(np.argmax(counts))
     if counts[top] < 2:
         return 0.0
@@ -181,7 +183,7 @@ def dup_ngram_char_fraction(view: DocView, n: int) -> float:
     """Characters of words covered by any n-gram that occurs more than once."""
     if len(view.words) < n or view.word_chars == 0:
         return 0.0
-    keys = _ngram_keys(view.word_ids, n)
+    keys = ngram_keys(view.word_ids, n)
     _, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
     dup_starts = np.flatnonzero(counts[inverse] > 1)
     covered = np.zeros(len(view.words) + 1, dtype=np.int64)
@@ -257,6 +259,10 @@ def _gopher_top_ngrams(v: DocView, c: FilterConfig, b: Blocklists, url: str | No
 
 
 def _gopher_dup_ngrams(v: DocView, c: FilterConfig, b: Blocklists, url: str | None) -> bool:
+    # Coverage by duplicated n-grams can only shrink as n grows (a repeated 10-gram contains
+    # repeated 5-grams), so a document under the smallest limit at n = 5 passes them all.
+    if dup_ngram_char_fraction(v, 5) <= min(c.max_dup_ngram_char_fraction):
+        return False
     return any(dup_ngram_char_fraction(v, n) > limit
                for n, limit in zip(range(5, 11), c.max_dup_ngram_char_fraction))
 

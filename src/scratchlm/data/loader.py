@@ -35,13 +35,17 @@ def stream_window_starts(num_tokens: int, context_length: int) -> np.ndarray:
 
 
 def document_window_starts(doc_starts: np.ndarray, num_tokens: int, context_length: int) -> np.ndarray:
+    """Offsets doc_start + k·context_length inside every document, whose window fits the shard."""
     doc_ends = np.append(doc_starts[1:], num_tokens)
-    starts = np.concatenate([np.arange(s, e, context_length, dtype=np.int64) for s, e in zip(doc_starts, doc_ends)]
-                            or [np.zeros(0, dtype=np.int64)])
-    return starts[starts + context_length + 1 <= num_tokens]
+    per_doc = -(-(doc_ends - doc_starts) // context_length)  # ceil: windows starting in each document
+    k = np.arange(per_doc.sum()) - np.repeat(np.cumsum(per_doc) - per_doc, per_doc)
+    starts = np.repeat(doc_starts, per_doc) + k * context_length
+    return starts[starts + context_length + 1 <= num_tokens].astype(np.int64)
 
 
 class TokenLoader:
+    """(x, y) batches from one split of a data directory; see the module docstring."""
+
     def __init__(
         self, data_dir: str | Path, split: str = "train", batch_size: int = 8, context_length: int = 256, *,
         rank: int = 0, world_size: int = 1, seed: int = 0, packing: str = "stream",

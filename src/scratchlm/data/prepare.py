@@ -90,21 +90,24 @@ class PrepareConfig:
 # --------------------------------------------------------------------------- worker side
 @dataclass
 class _WorkerContext:
-    """Everything a worker needs, pickled once per process rather than once per task."""
+    """Everything a worker needs, handed over once per process rather than once per task.
+
+    With the fork start method (Linux) the children inherit it, tokenizer included, without
+    pickling; the parent warms the tokenizer's encoder first so no worker rebuilds it.
+    """
 
     config: PrepareConfig
     blocklists: Blocklists
-    tokenizer_dir: str
+    tokenizer: object  # scratchlm.tokenizer.Tokenizer (imported lazily: the tokenizer stage)
 
 
 _CONTEXT: _WorkerContext | None = None
-_TOKENIZER = None
 _MINHASHER: MinHasher | None = None
 
 
 def _init_worker(context: _WorkerContext) -> None:
-    global _CONTEXT, _TOKENIZER, _MINHASHER
-    _CONTEXT, _TOKENIZER = context, None
+    global _CONTEXT, _MINHASHER
+    _CONTEXT = context
     _MINHASHER = MinHasher(context.config.minhash_permutations, context.config.minhash_ngram)
 
 
@@ -125,10 +128,10 @@ def _process_batch(batch: list[tuple[str, str, str | None]]) -> list[_Processed]
     for text, profile, url in batch:
         text = clean_text(text, profile)
         reason = None
-        if config.filter:
-            reason = first_failing_filter(text, profile, config.filters, _CONTEXT.blocklists, disabled, url)
-        elif not text:
+        if not text:  # always dropped, filters or not: nothing to train on
             reason = "empty"
+        elif config.filter:
+            reason = first_failing_filter(text, profile, config.filters, _CONTEXT.blocklists, disabled, url)
         if reason is not None:
             results.append(_Processed(None, reason, {}, b"", None))
             continue
@@ -141,12 +144,7 @@ def _process_batch(batch: list[tuple[str, str, str | None]]) -> list[_Processed]
 
 
 def _tokenize_batch(texts: list[str]) -> list[np.ndarray]:
-    global _TOKENIZER
-    if _TOKENIZER is None:
-        from scratchlm.tokenizer import Tokenizer
-
-        _TOKENIZER = Tokenizer.load(_CONTEXT.tokenizer_dir)
-    return [np.asarray(_TOKENIZER.encode(text), dtype=np.uint32) for text in texts]
+    return [np.asarray(_CONTEXT.tokenizer.encode(text), dtype=np.uint32) for text in texts]
 
 
 # --------------------------------------------------------------------------- parent side
@@ -162,7 +160,11 @@ def _batches(items: Iterable, size: int) -> Iterator[list]:
 
 
 class _Runner:
-    """Maps a worker function over batches in order: in-process for 1 worker, else a Pool."""
+    """Maps a worker function over batches in order: in-process for 1 worker, else a Pool.
+
+    A context manager: on success the workers finish and are joined; on any error (Ctrl-C
+    included) they are terminated at once rather than left to finish queued work.
+    """
 
     def __init__(self, workers: int, context: _WorkerContext):
         self.pool = None
@@ -174,10 +176,17 @@ class _Runner:
     def imap(self, fn: Callable, batches: Iterable[list]) -> Iterator:
         return self.pool.imap(fn, batches) if self.pool else map(fn, batches)
 
-    def close(self) -> None:
-        if self.pool:
+    def __enter__(self) -> _Runner:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.pool is None:
+            return
+        if exc_type is None:
             self.pool.close()
-            self.pool.join()
+        else:
+            self.pool.terminate()
+        self.pool.join()
 
 
 def _utf8_len(text: str) -> int:
@@ -313,11 +322,14 @@ def prepare_data(
         val_docs, val_sources = _read_inputs(config.val_inputs, config, bar)
         train_docs, train_sources = _read_inputs(inputs, config, bar)
     docs = val_docs + train_docs
+    n_read, n_val_docs = len(docs), len(val_docs)
+    del val_docs, train_docs  # only the cleaned texts are kept from here on (memory)
     log.add("read", [d.text for d in docs])
 
-    runner = _Runner(workers, _WorkerContext(config, blocklists, str(tokenizer_dir)))
-    try:
+    tokenizer.encode("warm up")  # builds the encoder once, before workers are forked
+    with _Runner(workers, _WorkerContext(config, blocklists, tokenizer)) as runner:
         results, dropped = _filter_documents(docs, runner, config)
+        del docs
         survivors = [i for i, r in enumerate(results) if r.text is not None]
         log.add("clean+filter", [results[i].text for i in survivors])
         if config.dedup:
@@ -326,10 +338,10 @@ def prepare_data(
             survivors = _near_dedup(survivors, results, config.near_dup_threshold)
             log.add("near dedup", [results[i].text for i in survivors])
         if not survivors:
-            raise ScratchLMError(f"no documents left after filtering and dedup (read {len(docs)}; "
+            raise ScratchLMError(f"no documents left after filtering and dedup (read {n_read}; "
                                  f"drops: {', '.join(f'{k}={v}' for k, v in dropped.items() if v) or 'none'})")
 
-        splits = _assign_splits([results[i].text for i in survivors], [i < len(val_docs) for i in survivors], config)
+        splits = _assign_splits([results[i].text for i in survivors], [i < n_val_docs for i in survivors], config)
         for name, part in splits.items():
             log.add(f"split {name}", part)
 
@@ -339,8 +351,6 @@ def prepare_data(
             manifest = _manifest(tokenizer, dtype, config, train_sources, val_sources, dropped,
                                  results, survivors, log.rows, split_info, time.perf_counter() - started)
             atomic_write_json(tmp_dir / MANIFEST, manifest)
-    finally:
-        runner.close()
     return manifest
 
 
@@ -366,7 +376,7 @@ def _manifest(tokenizer, dtype: np.dtype, config: PrepareConfig, train_sources: 
         "dtype": dtype.name,
         "sources": [source_entry(s, "val") for s in val_sources] + [source_entry(s, "train") for s in train_sources],
         "filters": {
-            name: {"enabled": config.filter and name not in config.disabled_filters,
+            name: {"enabled": name == "empty" or (config.filter and name not in config.disabled_filters),
                    "profiles": [p for p, names in PROFILES.items() if name in names],
                    "dropped": dropped[name]}
             for name in FILTERS

@@ -1,7 +1,7 @@
 """Where documents come from: files, directories, globs, compressed files and the stdlib corpus.
 
-Every source yields `Document`s (text plus where it came from). A document is the unit that
-filters judge, dedup compares, the split assigns, and the loader can align windows to.
+Every source yields `Document`s (text, plus a URL when the record has one). A document is the
+unit that filters judge, dedup compares, the split assigns, and the loader can align windows to.
 
 Formats are chosen by extension after stripping `.gz` / `.zst`:
   .jsonl / .ndjson   one JSON object per line, text in `text_field`
@@ -43,16 +43,13 @@ _COMPRESSION_SUFFIXES = (".gz", ".zst")
 # Directories skipped inside the stdlib: test suites (31 MB of mostly generated fixtures that
 # would dominate the corpus) and third-party code that merely happens to be installed there.
 _STDLIB_EXCLUDED_DIRS = frozenset(
-    {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__",
-     "ensurepip", "lib2to3", "turtledemo"}
+    {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 )
 
 
 @dataclass
 class Document:
     text: str
-    source: str  # the input spec it came from ("stdlib", a path, a glob)
-    location: str  # file (and line or record) inside the source, for messages
     url: str | None = None  # from a JSON record's "url" field, used by the URL blocklist
     profile: str = "prose"  # which filter profile applies: "prose" or "code"
 
@@ -66,7 +63,7 @@ class SourceStats:
     documents: int = 0
     bytes: int = 0
     malformed: int = 0
-    profile: str = "prose"
+    profile: str = "prose"  # of its documents; "mixed" for a directory of code and prose
     malformed_locations: list[str] = field(default_factory=list)
 
 
@@ -195,7 +192,7 @@ def _malformed(stats: SourceStats, where: str, reason: str, strict: bool) -> Non
     stats.malformed_locations.append(where)
 
 
-def _iter_jsonl(path: Path, text_field: str, strict: bool, stats: SourceStats) -> Iterator[tuple[str, str, str | None]]:
+def _iter_jsonl(path: Path, text_field: str, strict: bool, stats: SourceStats) -> Iterator[tuple[str, str | None]]:
     with open_binary(path) as raw:
         for lineno, line in enumerate(io.TextIOWrapper(raw, encoding="utf-8", errors="replace"), 1):
             if not line.strip():
@@ -206,10 +203,10 @@ def _iter_jsonl(path: Path, text_field: str, strict: bool, stats: SourceStats) -
             except ValueError as exc:  # json.JSONDecodeError is a ValueError
                 _malformed(stats, where, str(exc), strict)
                 continue
-            yield text, where, url
+            yield text, url
 
 
-def _iter_json(path: Path, text_field: str, strict: bool, stats: SourceStats) -> Iterator[tuple[str, str, str | None]]:
+def _iter_json(path: Path, text_field: str, strict: bool, stats: SourceStats) -> Iterator[tuple[str, str | None]]:
     try:
         data = json.loads(read_text(path))
     except ValueError as exc:
@@ -222,10 +219,10 @@ def _iter_json(path: Path, text_field: str, strict: bool, stats: SourceStats) ->
         except ValueError as exc:
             _malformed(stats, where, str(exc), strict)
             continue
-        yield text, where, url
+        yield text, url
 
 
-def _iter_parquet(path: Path, text_field: str, strict: bool, stats: SourceStats) -> Iterator[tuple[str, str, str | None]]:
+def _iter_parquet(path: Path, text_field: str, strict: bool, stats: SourceStats) -> Iterator[tuple[str, str | None]]:
     import pyarrow.parquet as pq
 
     try:
@@ -246,11 +243,11 @@ def _iter_parquet(path: Path, text_field: str, strict: bool, stats: SourceStats)
             if not isinstance(text, str):
                 _malformed(stats, where, f"column {text_field!r} is null", strict)
                 continue
-            yield text, where, url if isinstance(url, str) else None
+            yield text, url if isinstance(url, str) else None
 
 
 def iter_file_documents(
-    path: Path, source: str, *, text_field: str, doc_mode: str, min_doc_chars: int,
+    path: Path, *, text_field: str, doc_mode: str, min_doc_chars: int,
     strict_json: bool, stats: SourceStats,
 ) -> Iterator[Document]:
     suffix = format_suffix(path)
@@ -258,13 +255,13 @@ def iter_file_documents(
     if suffix in _STRUCTURED_EXTENSIONS:
         reader = {".jsonl": _iter_jsonl, ".ndjson": _iter_jsonl, ".json": _iter_json,
                   ".parquet": _iter_parquet}[suffix]
-        for text, where, url in reader(path, text_field, strict_json, stats):
-            yield Document(text=text, source=source, location=where, url=url, profile=profile)
+        for text, url in reader(path, text_field, strict_json, stats):
+            yield Document(text=text, url=url, profile=profile)
         return
     text = read_text(path)
     mode = auto_doc_mode(path, text) if doc_mode == "auto" else doc_mode
-    for i, part in enumerate(split_text(text, mode, min_doc_chars)):
-        yield Document(text=part, source=source, location=f"{path}#{i}", profile=profile)
+    for part in split_text(text, mode, min_doc_chars):
+        yield Document(text=part, profile=profile)
 
 
 def iter_documents_from(
@@ -276,10 +273,10 @@ def iter_documents_from(
     for path in resolve_input(spec):
         stats.files += 1
         for doc in iter_file_documents(
-            path, spec, text_field=text_field, doc_mode=doc_mode, min_doc_chars=min_doc_chars,
+            path, text_field=text_field, doc_mode=doc_mode, min_doc_chars=min_doc_chars,
             strict_json=strict_json, stats=stats,
         ):
             stats.documents += 1
             stats.bytes += len(doc.text.encode("utf-8"))
-            stats.profile = doc.profile
+            stats.profile = doc.profile if stats.documents == 1 or stats.profile == doc.profile else "mixed"
             yield doc

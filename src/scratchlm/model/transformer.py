@@ -150,7 +150,7 @@ class Transformer(nn.Module):
         x = self.dropout(x)
         # cos/sin rows of each position, with a head axis to broadcast over: (1|B, 1, T, D).
         rope = ((self.rope_cos[positions].unsqueeze(-3), self.rope_sin[positions].unsqueeze(-3))
-                if self.pos_emb is None else None)
+                if self.config.position == "rope" else None)
         for block in self.blocks:
             x = block(x, rope, kv_cache)
         if kv_cache is not None:
@@ -186,7 +186,10 @@ class Transformer(nn.Module):
         return total - sum(p.numel() for p in embedding.values())
 
     # ----------------------------------------------------------------------- generation
-    @torch.inference_mode()
+    # no_grad rather than inference_mode: generation also runs mid-training (samples), and
+    # tensors created under inference_mode (e.g. FSDP's gathered weights) cannot be updated
+    # in place by the training steps that follow.
+    @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None,
                  generator: torch.Generator | None = None,

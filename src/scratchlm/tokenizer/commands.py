@@ -13,7 +13,7 @@ from typing import Iterable, Iterator, TextIO
 from scratchlm.errors import ScratchLMError
 from scratchlm.fsutil import atomic_directory
 from scratchlm.tokenizer.files import TOKENIZER_FILES
-from scratchlm.tokenizer.pretokenize import check_readable_inputs, holdout_start
+from scratchlm.tokenizer.pretokenize import check_readable_inputs, holdout_start, pattern_regex
 from scratchlm.tokenizer.tokenizer import ENDOFTEXT, Tokenizer
 from scratchlm.tokenizer.train import check_vocab_size, train_bpe
 
@@ -43,12 +43,16 @@ class TrainSummary:
         return self.heldout_bytes / max(self.heldout_tokens, 1)
 
     def describe(self) -> str:
+        compression = (
+            f"compression on {self.heldout_bytes:,} held-out bytes (tail of the last input): "
+            f"{self.bytes_per_token:.3f} bytes/token"
+            if self.heldout_bytes
+            else "compression: input too small to hold out a sample"
+        )
         return (
             f"trained {self.vocab_size} tokens ({self.num_merges} merges, special tokens "
             f"{self.special_tokens}) in {self.seconds:.2f} s, {self.mb_per_s:.2f} MB/s of input\n"
-            f"compression on {self.heldout_bytes:,} held-out bytes (tail of the last input): "
-            f"{self.bytes_per_token:.3f} bytes/token\n"
-            f"saved to {self.out_dir}"
+            f"{compression}\nsaved to {self.out_dir}"
         )
 
 
@@ -64,6 +68,7 @@ def train_tokenizer(
     """Train on `inputs` (minus a held-out tail), save to `out_dir` atomically, and summarise."""
     files = check_readable_inputs(inputs)
     specials = check_vocab_size(vocab_size, [ENDOFTEXT] if special_tokens is None else special_tokens)
+    pattern_regex(pattern)  # an unknown name fails before any work
     total = sum(f.stat().st_size for f in files)
     last_size = files[-1].stat().st_size
     holdout = min(int(total * HOLDOUT_FRACTION), HOLDOUT_MAX_BYTES, last_size // 2)

@@ -178,13 +178,17 @@ def read_gpt2_files(encoder_json: str | os.PathLike, vocab_bpe: str | os.PathLik
     Ids follow encoder.json (GPT-2's first ids are not in byte order: id 0 is "!"); the merge
     order follows vocab.bpe.
     """
-    char_to_byte = {c: b for b, c in gpt2_bytes_to_unicode().items()}
+    # str.translate maps GPT-2's characters back to latin-1 code points (one per byte); any other
+    # character becomes U+FFFF, which latin-1 cannot encode, so it is reported.
+    table = {ord(c): b for b, c in gpt2_bytes_to_unicode().items()}
+    table.update({c: 0xFFFF for c in range(324) if c not in table})
 
     def to_bytes(text: str, where: str) -> bytes:
         try:
-            return bytes(char_to_byte[c] for c in text)
-        except KeyError as exc:
-            raise ScratchLMError(f"{where}: character {exc.args[0]!r} is not in GPT-2's byte table") from None
+            return text.translate(table).encode("latin-1")
+        except UnicodeEncodeError:
+            bad = next(c for c in text if table.get(ord(c), 0xFFFF) == 0xFFFF)
+            raise ScratchLMError(f"{where}: character {bad!r} is not in GPT-2's byte table") from None
 
     encoder_path, bpe_path = Path(encoder_json), Path(vocab_bpe)
     try:

@@ -11,6 +11,7 @@ multi-GB file stream through bounded memory while giving the same counts as one 
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import re
@@ -42,9 +43,12 @@ _SAFE_EDGES = {"gpt2": r"(?=\n[\x21-\x7e])", "gpt4": r"(?<=\n)(?=[\x21-\x7e])"}
 _SAFE_EDGE_TEXT = {name: re.compile(edge) for name, edge in _SAFE_EDGES.items()}
 _SAFE_EDGE_BYTES = {name: re.compile(edge.encode()) for name, edge in _SAFE_EDGES.items()}
 
+# Chunks aim at a quarter of the input per worker (so uneven chunks still balance), within
+# [MIN_CHUNK_BYTES, DEFAULT_CHUNK_BYTES]: small inputs stay one chunk, counted in-process.
 DEFAULT_CHUNK_BYTES = 4 << 20
-# Text with no safe edge for this long (one giant line, CRLF files) is cut at a newline or space
-# anyway: the pre-tokens at that one cut may differ from an uncut pass; memory stays bounded.
+MIN_CHUNK_BYTES = 256 << 10
+# Text with no safe edge for this long (one giant line) is cut at a newline or space anyway:
+# the pre-tokens at that one cut may differ from an uncut pass; memory stays bounded.
 MAX_UNSAFE_BYTES = 64 << 20
 
 
@@ -86,17 +90,14 @@ def split_on_special_tokens(text: str, specials: regex.Pattern | None) -> Iterat
 def find_safe_edge(text: str, pattern: str) -> int:
     """Index of the last safe chunk edge in `text` (> 0), or -1 if there is none."""
     edge = _SAFE_EDGE_TEXT[pattern]
-    window = 4096  # an edge is usually near the end: widen the searched tail until one turns up
-    while True:
-        start = max(0, len(text) - window)
-        pos = -1
-        for m in edge.finditer(text, start):
-            pos = m.start()
-        if pos > 0:
-            return pos
-        if start == 0:
-            return -1
-        window *= 8
+    # Every edge sits next to a newline: walk back over newlines (fast) and test each one.
+    newline = text.rfind("\n")
+    while newline >= 0:
+        m = edge.search(text, newline, newline + 2)
+        if m and m.start() > 0:
+            return m.start()
+        newline = text.rfind("\n", 0, newline)
+    return -1
 
 
 # --------------------------------------------------------------------------- chunked files
@@ -109,15 +110,17 @@ class Chunk:
 
 def _next_edge(f, offset: int, file_size: int, special_bytes: list[bytes], pattern: str) -> int:
     """First safe edge at or after `offset`: the start of a special token, else a safe newline."""
-    window = 1 << 16
     f.seek(offset)
     data = b""
+    searched = 0  # data[:searched] holds no edge; re-scan only a small overlap of it
+    overlap = max((len(s) for s in special_bytes), default=0) + 2
     while True:
-        block = f.read(window)
+        block = f.read(1 << 16)
         data += block
+        start = max(0, searched - overlap)
         # Either kind of edge is fine; take the earliest so chunks stay near their target size.
-        hits = [i for i in (data.find(s) for s in special_bytes) if i >= 0]
-        m = _SAFE_EDGE_BYTES[pattern].search(data)
+        hits = [i for i in (data.find(s, start) for s in special_bytes) if i >= 0]
+        m = _SAFE_EDGE_BYTES[pattern].search(data, start)
         if m:
             hits.append(m.start())
         if hits:
@@ -127,6 +130,7 @@ def _next_edge(f, offset: int, file_size: int, special_bytes: list[bytes], patte
         if len(data) >= MAX_UNSAFE_BYTES:
             cut = max(data.rfind(b"\n"), data.rfind(b" "))
             return offset + (cut + 1 if cut >= 0 else len(data))
+        searched = len(data)
 
 
 def chunk_file(
@@ -196,29 +200,27 @@ def count_pretokens(
     """
     specials = tuple(special_tokens)
     pattern_regex(pattern)  # fail early on an unknown name
-    chunk_bytes = chunk_bytes or DEFAULT_CHUNK_BYTES
     paths = list(paths)
+    workers = workers or os.cpu_count() or 1
+    if not chunk_bytes:
+        total = sum(os.path.getsize(p) for p in paths)
+        chunk_bytes = min(DEFAULT_CHUNK_BYTES, max(total // (4 * workers), MIN_CHUNK_BYTES))
     chunks = [
         c
         for n, p in enumerate(paths)
         for c in chunk_file(p, specials, pattern, chunk_bytes, last_file_end if n == len(paths) - 1 else None)
     ]
     tasks = [(c, specials, pattern) for c in chunks]
-    workers = min(workers or os.cpu_count() or 1, len(tasks)) if tasks else 1
-    total: Counter[bytes] = Counter()
-    if workers <= 1:
-        results: Iterable[tuple[int, Counter[bytes]]] = map(_count_chunk_star, tasks)
-        for nbytes, counts in results:
-            total.update(counts)
+    workers = min(workers, len(tasks))
+    counts: Counter[bytes] = Counter()
+    # One chunk (or one worker) is counted in this process: a pool costs more than it saves.
+    with multiprocessing.get_context().Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
+        results = pool.imap_unordered(_count_chunk_star, tasks) if pool else map(_count_chunk_star, tasks)
+        for nbytes, chunk_counts in results:
+            counts.update(chunk_counts)
             if on_progress:
                 on_progress(nbytes)
-        return total
-    with multiprocessing.get_context().Pool(workers) as pool:
-        for nbytes, counts in pool.imap_unordered(_count_chunk_star, tasks):
-            total.update(counts)
-            if on_progress:
-                on_progress(nbytes)
-    return total
+    return counts
 
 
 def check_readable_inputs(paths: Iterable[str | os.PathLike]) -> list[Path]:

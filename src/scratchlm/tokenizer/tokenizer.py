@@ -14,14 +14,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import regex
 
 from scratchlm.errors import ScratchLMError
-from scratchlm.tokenizer.pretokenize import find_safe_edge, pattern_regex
+from scratchlm.tokenizer.pretokenize import (
+    find_safe_edge,
+    pattern_regex,
+    special_token_regex,
+    split_on_special_tokens,
+)
 
 ENDOFTEXT = "<|endoftext|>"
 
@@ -67,14 +71,8 @@ class Tokenizer:
             pair = (self._ranks[left], self._ranks[right])
             self._pair_merges.setdefault(pair, (rank, self._ranks[left + right]))
         merged_ids = [self._ranks[left + right] for left, right in self.merges]
-        self.fast_path_available = all(x < y for x, y in zip(merged_ids, merged_ids[1:])) and (
-            not merged_ids or min(merged_ids) > max(self._byte_ids)
-        )
-        self._special_split = (
-            re.compile("(" + "|".join(re.escape(t) for t in sorted(self.special_tokens, key=len, reverse=True)) + ")")
-            if self.special_tokens
-            else None
-        )
+        self.fast_path_available = all(x < y for x, y in zip(merged_ids, merged_ids[1:]))
+        self._special_regex = special_token_regex(self.special_tokens)
         self._pretokenizer = regex.compile(self._pattern_regex)
         self._tiktoken = None
         self._cache: dict[str, list[int]] = {}
@@ -154,30 +152,22 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`; registered special tokens in it become their ids."""
         if self.fast_path_available:
-            encode_ordinary = self._tiktoken_encoding().encode_ordinary
-        else:
-            encode_ordinary = self.encode_reference_ordinary
-        if self._special_split is None:
-            return encode_ordinary(text)
-        ids: list[int] = []
-        # re.split with a capturing group alternates [text, special, text, special, ..., text]
-        for n, piece in enumerate(self._special_split.split(text)):
-            if n % 2:
-                ids.append(self.special_tokens[piece])
-            elif piece:
-                ids.extend(encode_ordinary(piece))
-        return ids
+            return self._encode(text, self._tiktoken_encoding().encode_ordinary)
+        return self._encode(text, self.encode_reference_ordinary)
 
     def encode_reference(self, text: str) -> list[int]:
         """`encode` with the pure-Python encoder, whatever the fast path does (for testing)."""
-        if self._special_split is None:
-            return self.encode_reference_ordinary(text)
+        return self._encode(text, self.encode_reference_ordinary)
+
+    def _encode(self, text: str, encode_ordinary: Callable[[str], list[int]]) -> list[int]:
+        if self._special_regex is None:
+            return encode_ordinary(text)
         ids: list[int] = []
-        for n, piece in enumerate(self._special_split.split(text)):
-            if n % 2:
+        for piece, is_special in split_on_special_tokens(text, self._special_regex):
+            if is_special:
                 ids.append(self.special_tokens[piece])
-            elif piece:
-                ids.extend(self.encode_reference_ordinary(piece))
+            else:
+                ids.extend(encode_ordinary(piece))
         return ids
 
     def encode_reference_ordinary(self, text: str) -> list[int]:

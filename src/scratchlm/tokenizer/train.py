@@ -17,7 +17,7 @@ from collections import defaultdict
 from typing import Callable, Iterable
 
 from scratchlm.errors import ScratchLMError
-from scratchlm.tokenizer.pretokenize import check_readable_inputs, count_pretokens, holdout_start
+from scratchlm.tokenizer.pretokenize import check_readable_inputs, count_pretokens, holdout_start, pattern_regex
 
 # heapq is a min-heap; to pop the greatest pair of byte strings first on equal counts, each
 # token gets a key that sorts in the opposite order: every byte b becomes chr(256 - b) and a
@@ -152,6 +152,7 @@ def train_bpe(
     paths = [input_path] if isinstance(input_path, (str, os.PathLike)) else list(input_path)
     files = check_readable_inputs(paths)
     specials = check_vocab_size(vocab_size, special_tokens)
+    pattern_regex(pattern)  # an unknown name fails before any work
     try:
         end = holdout_start(files[-1], holdout_bytes, specials, pattern) if holdout_bytes else None
         word_counts = count_pretokens(files, specials, pattern, workers, on_progress=on_bytes, last_file_end=end)
