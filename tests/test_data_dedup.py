@@ -9,6 +9,7 @@ import pytest
 
 from scratchlm.data.dedup import (
     MinHasher, choose_bands, estimated_jaccard, exact_key, near_duplicate_keep_mask, near_duplicate_pairs,
+    word_hashes_of,
 )
 from scratchlm.data.sources import iter_documents_from
 from tests.conftest import shared_file
@@ -117,3 +118,15 @@ def test_planted_near_duplicates_are_found(corpus):
     for k, (orig, kind, _) in enumerate(copies):
         if (orig, len(corpus) + k) in pairs:
             assert keep[orig] and not keep[len(corpus) + k]  # the first document survives
+
+
+def test_word_hashes_depend_only_on_the_word():
+    text = shared_file("corpora/tinyshakespeare.txt").read_text()
+    whole = word_hashes_of(text)
+    words = text.split()
+    assert len(whole) == len(words)
+    assert np.array_equal(whole, word_hashes_of(text, block_chars=1000))  # blocking changes nothing
+    first = {}
+    for word, h in zip(words[:5000], whole[:5000].tolist()):
+        assert first.setdefault(word, h) == h  # the same word always hashes the same
+    assert len(set(first.values())) == len(first)  # and distinct words differently here

@@ -25,6 +25,7 @@ is kept.
 from __future__ import annotations
 
 import hashlib
+import re
 
 import numpy as np
 
@@ -47,6 +48,7 @@ def exact_key(text: str) -> bytes:
 _WORD_BASE = 0x100000001B3  # the 64-bit FNV prime; any odd constant works
 _WHITESPACE = np.zeros(256, dtype=bool)
 _WHITESPACE[[9, 10, 11, 12, 13, 32]] = True
+_NEXT_SPACE = re.compile(r"[\t\n\x0b\x0c\r ]")
 _WORD_BASE_INVERSE = pow(_WORD_BASE, -1, 1 << 64)
 _powers = np.ones(1, dtype=np.uint64)
 _inverse_powers = np.ones(1, dtype=np.uint64)
@@ -68,8 +70,22 @@ def _power_tables(n: int) -> tuple[np.ndarray, np.ndarray]:
     return _powers[:n], _inverse_powers[:n]
 
 
-def word_hashes_of(text: str) -> np.ndarray:
-    """A 64-bit hash per whitespace-separated word of `text`, in order."""
+def word_hashes_of(text: str, block_chars: int = 1 << 20) -> np.ndarray:
+    """A 64-bit hash per whitespace-separated word of `text`, in order.
+
+    Long texts are hashed in blocks cut at whitespace (a word's hash does not depend on where
+    it sits), which bounds the power tables and temporaries to about 40 bytes per block byte.
+    """
+    parts, start = [], 0
+    while start < len(text):
+        cut = _NEXT_SPACE.search(text, start + block_chars)
+        end = cut.start() if cut else len(text)
+        parts.append(_block_word_hashes(text[start:end]))
+        start = end
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint64)
+
+
+def _block_word_hashes(text: str) -> np.ndarray:
     data = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
     in_word = np.concatenate([[False], ~_WHITESPACE[data], [False]]).view(np.int8)
     edges = np.diff(in_word)

@@ -83,8 +83,10 @@ class PrepareConfig:
             raise ScratchLMError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.split_by_position and self.val_inputs:
             raise ScratchLMError("split_by_position and val_inputs exclude each other")
-        if self.workers is not None and self.workers < 1:
-            raise ScratchLMError(f"workers must be at least 1, got {self.workers}")
+        for name in ("workers", "batch_documents", "shard_tokens", "minhash_permutations", "minhash_ngram"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ScratchLMError(f"{name} must be at least 1, got {value}")
 
 
 # --------------------------------------------------------------------------- worker side

@@ -17,6 +17,7 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -356,86 +357,91 @@ class Trainer:
 
     # ----------------------------------------------------------------------- the loop
     def run(self, resume: bool) -> dict[str, Any]:
-        run = self.config.run
         self._restore(resume)
         if self.ctx.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.out_dir / "config.yaml", dump_config_yaml(self.config))
             self.metrics.truncate_after(self.step)
         self._say(self._banner())
-
-        session_start = time.monotonic()
-        step_seconds = 0.0  # time in optimizer steps only (for tokens/s), this session
-        steps_this_session = 0
-        last_checkpoint_time = session_start
-        bad_streak = 0
-        eval_result: dict[str, float] = {}
-        eval_step = -1
+        session = _Session(start=time.monotonic())
         bar = self._progress_bar()
         with _stop_requests() as stop_requested:
             while True:
-                now = time.monotonic()
-                elapsed = self.elapsed_before + now - session_start
-                # Ranks read different clocks and signals: agree on the largest.
-                elapsed, stop, checkpoint_due = all_reduce_max(
-                    [elapsed, float(stop_requested()),
-                     float(run.checkpoint_minutes is not None
-                           and now - last_checkpoint_time >= 60 * run.checkpoint_minutes)],
-                    self.ctx)
-                if stop or checkpoint_due:
-                    if self.step > 0 and bad_streak == 0 and not self._checkpointed_now():
-                        self.save_checkpoint(elapsed, None)
-                    last_checkpoint_time = time.monotonic()
-                    if stop:
-                        bar.close()
-                        self._say(f"interrupted at step {self.step}; checkpoint "
-                                  f"{self.last_checkpoint}")
-                        raise KeyboardInterrupt
-                progress = self.progress(self.step, elapsed)
+                progress = self._control_point(session, stop_requested(), bar)
                 if progress >= 1.0:
                     break
-                if self.warmup_end is None and self.step >= self.config.schedule.warmup_steps:
-                    self.warmup_end = progress
-                lr_scale = lr_factor(self.config.schedule, self.step, progress,
-                                     self.warmup_end or 0.0)
-                set_lr(self.optimizer, lr_scale)
-
-                t0 = time.monotonic()
-                loss, grad_norm, ok = self.train_step()
-                step_seconds += time.monotonic() - t0
-                steps_this_session += 1
-                self.step += 1
-                bad_streak = 0 if ok else bad_streak + 1
-                if not ok:
-                    self._on_bad_step(loss, grad_norm, bad_streak)
-
-                tokens_per_s = steps_this_session * self.tokens_per_step / max(step_seconds, 1e-9)
+                self._optimizer_step(session, progress)
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}",
-                                eta=_eta(elapsed, progress), refresh=False)
-                elapsed = self.elapsed_before + time.monotonic() - session_start
-                if self.step % run.log_every == 0 or self.step == 1:
-                    self.metrics.log(dict(kind="train", step=self.step, tokens=self.tokens,
-                                          loss=loss, grad_norm=grad_norm,
-                                          lr=self.optimizer.param_groups[0]["lr"],
-                                          tokens_per_s=tokens_per_s, elapsed_s=elapsed,
-                                          mfu=self._mfu(tokens_per_s)))
-                val_loss = None
-                if run.eval_every and self.step % run.eval_every == 0:
-                    eval_result, eval_step = self._evaluate_and_log(elapsed), self.step
-                    val_loss = eval_result["val_loss"]
-                if run.checkpoint_every and self.step % run.checkpoint_every == 0 \
-                        and bad_streak == 0:
-                    self.save_checkpoint(elapsed, val_loss)
-                    last_checkpoint_time = time.monotonic()
+                bar.set_postfix(loss=f"{session.loss:.4f}",
+                                tok_s=f"{session.tokens_per_s(self.tokens_per_step):,.0f}",
+                                eta=_eta(session.elapsed, progress), refresh=False)
+                self._after_step(session)
         bar.close()
 
-        elapsed = self.elapsed_before + time.monotonic() - session_start
-        if eval_step != self.step:
-            eval_result = self._evaluate_and_log(elapsed)
+        elapsed = self._elapsed(session)
+        if session.eval_step != self.step:
+            session.eval_result = self._evaluate_and_log(elapsed)
         if not self._checkpointed_now():  # so a later --resume finds the finished state
-            self.save_checkpoint(elapsed, eval_result["val_loss"])
-        return self._finish(elapsed, eval_result, step_seconds, steps_this_session)
+            self.save_checkpoint(elapsed, session.eval_result["val_loss"])
+        return self._finish(elapsed, session)
+
+    def _elapsed(self, session: _Session) -> float:
+        return self.elapsed_before + time.monotonic() - session.start
+
+    def _control_point(self, session: _Session, stop_requested: bool, bar) -> float:
+        """Between steps: agree across ranks on time, stop requests and time-based
+        checkpoints (each rank has its own clock and signals; all take the largest), act on
+        them, and return the fraction of the budget used."""
+        run = self.config.run
+        checkpoint_due = (run.checkpoint_minutes is not None and
+                          time.monotonic() - session.last_checkpoint >= 60 * run.checkpoint_minutes)
+        elapsed, stop, checkpoint_due = all_reduce_max(
+            [self._elapsed(session), float(stop_requested), float(checkpoint_due)], self.ctx)
+        session.elapsed = elapsed
+        if stop or checkpoint_due:
+            if self.step > 0 and session.bad_streak == 0 and not self._checkpointed_now():
+                self.save_checkpoint(elapsed, None)
+            session.last_checkpoint = time.monotonic()
+            if stop:
+                bar.close()
+                self._say(f"interrupted at step {self.step}; checkpoint {self.last_checkpoint}")
+                raise KeyboardInterrupt
+        return self.progress(self.step, elapsed)
+
+    def _optimizer_step(self, session: _Session, progress: float) -> None:
+        if self.warmup_end is None and self.step >= self.config.schedule.warmup_steps:
+            self.warmup_end = progress
+        set_lr(self.optimizer, lr_factor(self.config.schedule, self.step, progress,
+                                         self.warmup_end or 0.0))
+        t0 = time.monotonic()
+        loss, grad_norm, ok = self.train_step()
+        session.step_seconds += time.monotonic() - t0
+        session.steps += 1
+        session.loss, session.grad_norm = loss, grad_norm
+        self.step += 1
+        session.bad_streak = 0 if ok else session.bad_streak + 1
+        if not ok:
+            self._on_bad_step(loss, grad_norm, session.bad_streak)
+
+    def _after_step(self, session: _Session) -> None:
+        """Log, evaluate and checkpoint on their step intervals."""
+        run = self.config.run
+        elapsed = self._elapsed(session)
+        if self.step % run.log_every == 0 or self.step == 1:
+            tokens_per_s = session.tokens_per_s(self.tokens_per_step)
+            self.metrics.log(dict(kind="train", step=self.step, tokens=self.tokens,
+                                  loss=session.loss, grad_norm=session.grad_norm,
+                                  lr=self.optimizer.param_groups[0]["lr"],
+                                  tokens_per_s=tokens_per_s, elapsed_s=elapsed,
+                                  mfu=self._mfu(tokens_per_s)))
+        val_loss = None
+        if run.eval_every and self.step % run.eval_every == 0:
+            session.eval_result, session.eval_step = self._evaluate_and_log(elapsed), self.step
+            val_loss = session.eval_result["val_loss"]
+        if run.checkpoint_every and self.step % run.checkpoint_every == 0 \
+                and session.bad_streak == 0:  # never checkpoint during a non-finite streak
+            self.save_checkpoint(elapsed, val_loss)
+            session.last_checkpoint = time.monotonic()
 
     def _checkpointed_now(self) -> bool:
         return (self.last_checkpoint is not None
@@ -491,14 +497,13 @@ class Trainer:
         return model_flops_utilization(tokens_per_s, self.flops_per_token, self.peak_flops,
                                        self.ctx.world_size)
 
-    def _finish(self, elapsed: float, eval_result: dict[str, float], step_seconds: float,
-                steps_this_session: int) -> dict[str, Any]:
+    def _finish(self, elapsed: float, session: _Session) -> dict[str, Any]:
         final_dir = self.out_dir / FINAL
         full_weights = None
         if self.sharded:
             full_weights = ckpt.gather_full_weights(self.raw_model, self.ctx)
-        tokens_per_s = (steps_this_session * self.tokens_per_step / step_seconds
-                        if step_seconds > 0 else None)
+        eval_result = session.eval_result
+        tokens_per_s = session.tokens_per_s(self.tokens_per_step) if session.steps else None
         summary = {
             "steps": self.step, "tokens": self.tokens, "elapsed_s": round(elapsed, 3),
             "train_tokens_per_s": tokens_per_s, "tokens_per_s": tokens_per_s,
@@ -547,6 +552,25 @@ class Trainer:
 
 
 # --------------------------------------------------------------------------- helpers
+@dataclass
+class _Session:
+    """Counters of this process's session of a run (not checkpointed)."""
+
+    start: float  # time.monotonic() at the start
+    elapsed: float = 0.0  # run time including earlier sessions, agreed across ranks
+    steps: int = 0
+    step_seconds: float = 0.0  # time inside optimizer steps only: the tokens/s denominator
+    last_checkpoint: float = field(default_factory=time.monotonic)
+    bad_streak: int = 0  # consecutive non-finite steps
+    loss: float = math.nan
+    grad_norm: float = math.nan
+    eval_step: int = -1
+    eval_result: dict[str, float] = field(default_factory=dict)
+
+    def tokens_per_s(self, tokens_per_step: int) -> float:
+        return self.steps * tokens_per_step / max(self.step_seconds, 1e-9)
+
+
 def _seed_everything(seed: int) -> None:
     import random
 
