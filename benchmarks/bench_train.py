@@ -2,9 +2,9 @@
 
     python benchmarks/bench_train.py throughput [--presets tiny small] [--context 256] ...
         Tokens/s of full training steps (forward, backward, clipping, AdamW) for each preset:
-        eager fp32 (the baseline), torch.compile fp32, and eager bf16 autocast. Synthetic
-        tokens: throughput does not depend on the text. Compile time is reported separately
-        and excluded from tokens/s (it is paid once per run).
+        eager fp32 (the baseline), torch.compile fp32, and eager bf16 autocast, measured in
+        alternating rounds. Synthetic tokens: throughput does not depend on the text.
+        Compile time is reported separately (warmup_s) and excluded from tokens/s.
 
     python benchmarks/bench_train.py shakespeare --minutes 2 10
         Tiny Shakespeare with configs/tinyshakespeare.yaml for each wall-clock budget (a
@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -35,8 +36,16 @@ def _load() -> str:
     return f"load {one:.1f}/{five:.1f} on {os.cpu_count()} CPUs"
 
 
-def measure_throughput(preset: str, context: int, batch: int, steps: int, warmup: int,
-                       compile_model: bool, dtype: torch.dtype | None, device: str) -> dict:
+VARIANTS = {  # name -> (compile, autocast dtype); the first is the baseline
+    "eager fp32": (False, None),
+    "compiled fp32": (True, None),
+    "eager bf16 autocast": (False, torch.bfloat16),
+}
+
+
+def make_step(preset: str, context: int, batch: int, compile_model: bool,
+              dtype: torch.dtype | None, device: str):
+    """A closure running one full training step (the loop's own functions) on random tokens."""
     from scratchlm.model import ModelConfig, Transformer
     from scratchlm.train.config import OptimizerSection
     from scratchlm.train.loop import accumulate_gradients
@@ -61,38 +70,45 @@ def measure_throughput(preset: str, context: int, batch: int, steps: int, warmup
         if device == "cuda":
             torch.cuda.synchronize()
 
-    t0 = time.perf_counter()
-    for _ in range(warmup):  # includes compilation when compiling
-        step()
-    warmup_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    seconds = time.perf_counter() - t0
-    tokens_per_s = steps * batch * context / seconds
-    return {"preset": preset, "params_M": round(model.num_params() / 1e6, 2),
-            "compiled": compile_model, "dtype": str(dtype or "fp32").replace("torch.", ""),
-            "context": context, "batch": batch, "tokens_per_s": round(tokens_per_s, 1),
-            "warmup_s": round(warmup_s, 1), "steps": steps, "load": _load()}
+    return step, model.num_params()
 
 
 def throughput(args: argparse.Namespace) -> None:
+    """Variants are measured in alternating rounds (A B C A B C ...) and the median round
+    is reported: on a shared CPU the load drifts, and back-to-back blocks would credit one
+    variant with a quieter minute."""
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, device {args.device}, {_load()}")
+    names = [n for n in VARIANTS if args.bf16 or "bf16" not in n]
     for preset in args.presets:
-        rows = []
-        variants = [(False, None), (True, None)]
-        if args.bf16:
-            variants.append((False, torch.bfloat16))
-        for compile_model, dtype in variants:
-            row = measure_throughput(preset, args.context, args.batch, args.steps, args.warmup,
-                                     compile_model, dtype, args.device)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-        base = rows[0]["tokens_per_s"]
-        for row in rows[1:]:
-            label = "compiled" if row["compiled"] else row["dtype"]
-            print(f"{preset}: {label} / eager fp32 = {row['tokens_per_s'] / base:.2f}x", flush=True)
+        steps, warmup_s = {}, {}
+        for name in names:
+            steps[name], n_params = make_step(preset, args.context, args.batch, *VARIANTS[name],
+                                              args.device)
+            t0 = time.perf_counter()
+            for _ in range(args.warmup):  # includes compilation for the compiled variant
+                steps[name]()
+            warmup_s[name] = time.perf_counter() - t0
+        rates: dict[str, list[float]] = {name: [] for name in names}
+        loads = []
+        for _ in range(args.rounds):
+            for name in names:
+                t0 = time.perf_counter()
+                for _ in range(args.steps):
+                    steps[name]()
+                rates[name].append(args.steps * args.batch * args.context
+                                   / (time.perf_counter() - t0))
+            loads.append(os.getloadavg()[0])
+        base = statistics.median(rates[names[0]])
+        for name in names:
+            median = statistics.median(rates[name])
+            print(json.dumps({"preset": preset, "params_M": round(n_params / 1e6, 2),
+                              "variant": name, "context": args.context, "batch": args.batch,
+                              "tokens_per_s_median": round(median, 1),
+                              "tokens_per_s_rounds": [round(r, 1) for r in rates[name]],
+                              "vs_eager_fp32": round(median / base, 2),
+                              "warmup_s": round(warmup_s[name], 1),
+                              "load_1min_per_round": [round(x, 1) for x in loads]}), flush=True)
 
 
 def shakespeare(args: argparse.Namespace) -> None:
@@ -128,7 +144,8 @@ def main() -> None:
     p.add_argument("--presets", nargs="+", default=["tiny", "small"])
     p.add_argument("--context", type=int, default=256)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--steps", type=int, default=5, help="steps per variant per round")
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -8,17 +8,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import regex
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from scratchlm.errors import ScratchLMError
-from scratchlm.tokenizer import TOKENIZER_FILES, Tokenizer, train_bpe
-from scratchlm.tokenizer import pretokenize
+from scratchlm.tokenizer import TOKENIZER_FILES, Tokenizer, pretokenize, train_bpe
 from scratchlm.tokenizer.pretokenize import PATTERNS, count_pretokens
 from scratchlm.tokenizer.train import bpe_merges
 from tests.conftest import shared_file
-
-import regex
 
 EOT = "<|endoftext|>"
 SAMPLE = (
@@ -109,9 +107,8 @@ def test_special_tokens_are_never_merged_across(sample_file):
     vocab, _ = train_bpe(sample_file, 600, [EOT])
     assert vocab[len(vocab) - 1] == EOT.encode()
     regular = [vocab[i] for i in range(len(vocab) - 1)]
+    # Were the special token pre-tokenized like text, its 20 copies would yield "<|" and "|>".
     assert not any(b"<|" in t or b"|>" in t for t in regular)
-    # "end." and "Lily" meet at the special token and must never be glued together
-    assert not any(t.endswith(b".") and len(t) > 1 and b"Lily" in t for t in regular)
 
 
 def single_pass_counts(text: str, pattern: str) -> Counter:
@@ -153,7 +150,7 @@ def test_non_utf8_corpus_is_handled_bytewise(tmp_path):
     path = tmp_path / "bad.bin"
     path.write_bytes(b"caf\xe9 \xff\xfe\xff\xfe\xff\xfe ok ok ok\n" * 50)
     vocab, merges = train_bpe(path, 280, [])
-    assert (b"\xff", b"\xfe") in merges or any(b"\xff\xfe" in t for t in vocab.values())
+    assert (b"\xff", b"\xfe") in merges and (b"\xff\xfe", b"\xff\xfe") in merges
     tok = Tokenizer(vocab, merges)
     assert tok.decode_bytes(tok.encode("caf\u00e9 ok")) == "caf\u00e9 ok".encode()
 

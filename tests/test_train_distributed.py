@@ -47,7 +47,7 @@ def _final_weights(run_dir):
 
 
 @pytest.fixture(scope="module")
-def setup(train_corpus, tmp_path_factory):  # noqa: F811
+def single_run(train_corpus, tmp_path_factory):  # noqa: F811
     root = tmp_path_factory.mktemp("distributed")
     # 256 tokens/step = 2 micro-batches of 4x32 in one process, or 1 per process with two.
     config = tiny_config(train_corpus, run={
@@ -59,8 +59,8 @@ def setup(train_corpus, tmp_path_factory):  # noqa: F811
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_two_processes_match_one(setup, mode):
-    root, config_path, single_losses = setup
+def test_two_processes_match_one(single_run, mode):
+    root, config_path, single_losses = single_run
     out = root / mode
     _torchrun(config_path, out, f"--run.distributed={mode}")
     losses = _losses(out)
@@ -72,9 +72,9 @@ def test_two_processes_match_one(setup, mode):
         assert (out / "checkpoints" / "step_0000004" / "sharded" / ".metadata").is_file()
 
 
-def test_fsdp_checkpoint_resumes_exactly(setup):
+def test_fsdp_checkpoint_resumes_exactly(single_run):
     """Resume the FSDP run from its step-4 sharded checkpoint: same final weights, bit for bit."""
-    root, config_path, _ = setup
+    root, config_path, _ = single_run
     full = root / "fsdp"
     if not (full / "final").is_dir():
         _torchrun(config_path, full, "--run.distributed=fsdp")

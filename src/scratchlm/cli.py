@@ -10,6 +10,7 @@ Each pipeline stage owns one `_add_<stage>_commands` function below.
 from __future__ import annotations
 
 import argparse
+import os
 import contextlib
 import sys
 
@@ -362,6 +363,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("scratchlm: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`scratchlm tokenizer encode ... | head`): not an error worth a
+        # traceback. Point stdout at devnull so the interpreter's final flush stays quiet.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     return 0
 
 

@@ -160,7 +160,9 @@ class Tokenizer:
         return self._encode(text, self.encode_reference_ordinary)
 
     def _encode(self, text: str, encode_ordinary: Callable[[str], list[int]]) -> list[int]:
-        if self._special_regex is None:
+        # Most text holds no special token: a substring test (memchr-fast) finds that out, and
+        # the encoder's list is returned as is, with no regex pass and no copy.
+        if self._special_regex is None or not any(t in text for t in self.special_tokens):
             return encode_ordinary(text)
         ids: list[int] = []
         for piece, is_special in split_on_special_tokens(text, self._special_regex):

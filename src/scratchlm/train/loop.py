@@ -283,6 +283,10 @@ class Trainer:
             raise ScratchLMError(f"cannot resume {latest}: it was written by "
                                  f"{state['world_size']} process(es), this run has "
                                  f"{self.ctx.world_size}")
+        if (state["optimizer"] is None) != self.sharded:
+            raise ScratchLMError(f"cannot resume {latest}: it holds "
+                                 f"{'sharded (FSDP)' if state['optimizer'] is None else 'unsharded'}"
+                                 f" optimizer state; set run.distributed to match")
         ckpt.load_checkpoint_weights(latest, self.raw_model, self.optimizer, state, self.sharded)
         opt_cfg = self.config.optimizer
         for group in self.optimizer.param_groups:  # the config's learning rates win
