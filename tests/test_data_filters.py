@@ -155,6 +155,7 @@ def test_compressed_json_parquet_dirs_and_globs(tmp_path):
     (tmp_path / "c.json").write_text(json.dumps(records))
     pq.write_table(pa.table({"text": [r["text"] for r in records]}), tmp_path / "d.parquet")
     (tmp_path / "e.txt").write_text("first<|endoftext|>second<|endoftext|>")
+    (tmp_path / "shard.bin").write_bytes(bytes(range(256)))  # not a text format: skipped in dirs
     (tmp_path / ".cache").mkdir()
     (tmp_path / ".cache" / "meta.txt").write_text("not corpus")
     expected = [r["text"] for r in records]

@@ -58,11 +58,15 @@ def single_run(train_corpus, tmp_path_factory):  # noqa: F811
     return root, write_config(root / "config.yaml", config), _losses(single)
 
 
+# FSDP runs with activation checkpointing too: its recomputation must see unsharded weights.
+FSDP_FLAGS = ("--run.distributed=fsdp", "--run.activation_checkpointing=true")
+
+
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_processes_match_one(single_run, mode):
     root, config_path, single_losses = single_run
     out = root / mode
-    _torchrun(config_path, out, f"--run.distributed={mode}")
+    _torchrun(config_path, out, *(FSDP_FLAGS if mode == "fsdp" else ("--run.distributed=ddp",)))
     losses = _losses(out)
     assert [(k, s) for k, s, _ in losses] == [(k, s) for k, s, _ in single_losses]
     for (kind, step, got), (_, _, expected) in zip(losses, single_losses):
@@ -77,10 +81,10 @@ def test_fsdp_checkpoint_resumes_exactly(single_run):
     root, config_path, _ = single_run
     full = root / "fsdp"
     if not (full / "final").is_dir():
-        _torchrun(config_path, full, "--run.distributed=fsdp")
+        _torchrun(config_path, full, *FSDP_FLAGS)
     resumed = root / "fsdp_resumed"
     shutil.copytree(full / "checkpoints" / "step_0000004",
                     resumed / "checkpoints" / "step_0000004")
-    _torchrun(config_path, resumed, "--run.distributed=fsdp", "--resume")
+    _torchrun(config_path, resumed, *FSDP_FLAGS, "--resume")
     expected, got = _final_weights(full), _final_weights(resumed)
     assert all(torch.equal(expected[k], got[k]) for k in expected)

@@ -130,7 +130,7 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--near-dup-threshold", type=float, default=0.8, help="MinHash Jaccard threshold")
     p.add_argument("--blocklist-words", metavar="FILE", help="drop documents containing these words")
     p.add_argument("--blocklist-urls", metavar="FILE", help="drop documents linking these domains")
-    p.add_argument("--scrub-pii", action="store_true", help="replace e-mails, IP addresses, phone numbers")
+    p.add_argument("--scrub-pii", action="store_true", help="replace e-mails, IPv4 addresses, phone numbers")
     p.add_argument("--strict-json", action="store_true", help="malformed JSONL records are fatal")
     p.set_defaults(func=_data_prepare)
 

@@ -111,15 +111,31 @@ def _domain(entry: str) -> str:
 
 
 class DocView:
-    """One document split into words, lines and paragraphs once, shared by all filters."""
+    """One document split into words, lines and paragraphs, each at most once and only when a
+    filter asks (code documents never need words or paragraphs)."""
 
     def __init__(self, text: str):
         self.text = text
-        self.words = text.split()
-        self.lines = [line for line in text.split("\n") if line.strip()]
-        self.paragraphs = [p for p in re.split(r"\n\s*\n", text) if p.strip()]
-        self.word_lengths = np.fromiter(map(len, self.words), dtype=np.int64, count=len(self.words))
-        self.word_chars = int(self.word_lengths.sum())
+
+    @functools.cached_property
+    def words(self) -> list[str]:
+        return self.text.split()
+
+    @functools.cached_property
+    def lines(self) -> list[str]:
+        return [line for line in self.text.split("\n") if line.strip()]
+
+    @functools.cached_property
+    def paragraphs(self) -> list[str]:
+        return [p for p in re.split(r"\n\s*\n", self.text) if p.strip()]
+
+    @functools.cached_property
+    def word_lengths(self) -> np.ndarray:
+        return np.fromiter(map(len, self.words), dtype=np.int64, count=len(self.words))
+
+    @functools.cached_property
+    def word_chars(self) -> int:
+        return int(self.word_lengths.sum())
 
     @functools.cached_property
     def word_ids(self) -> np.ndarray:

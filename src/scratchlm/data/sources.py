@@ -8,6 +8,8 @@ Formats are chosen by extension after stripping `.gz` / `.zst`:
   .json              a list of objects (or one object), text in `text_field`
   .parquet           a column named `text_field` (read with pyarrow, batch by batch)
   anything else      plain text, cut into documents by `doc_mode` (see `split_text`)
+A directory contributes its files with these formats, code and .txt/.md/.rst (recursively,
+sorted); an explicitly named file is read whatever its extension.
 
 The name `stdlib` means the embedded corpus: the `.py` sources of the Python standard library
 shipped with the running interpreter, one document per file, so the pipeline works offline.
@@ -39,6 +41,7 @@ CODE_EXTENSIONS = frozenset(
 )
 _STRUCTURED_EXTENSIONS = frozenset({".jsonl", ".ndjson", ".json", ".parquet"})
 _COMPRESSION_SUFFIXES = (".gz", ".zst")
+_PLAIN_TEXT_EXTENSIONS = frozenset({".txt", ".text", ".md", ".rst", ""})
 
 # Directories skipped inside the stdlib: test suites (31 MB of mostly generated fixtures that
 # would dominate the corpus) and third-party code that merely happens to be installed there.
@@ -85,9 +88,12 @@ def resolve_input(spec: str) -> list[Path]:
     if path.is_file():
         return [path]
     if path.is_dir():
-        # Dot-files and dot-directories are metadata (.git, huggingface_hub's .cache), not corpus.
+        # Only formats we read (not images, .bin shards...); dot-files and dot-directories are
+        # metadata (.git, huggingface_hub's .cache), not corpus. Explicit files are always read.
+        readable = _STRUCTURED_EXTENSIONS | CODE_EXTENSIONS | _PLAIN_TEXT_EXTENSIONS
         return sorted(p for p in path.rglob("*")
-                      if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
+                      if p.is_file() and format_suffix(p) in readable
+                      and not any(part.startswith(".") for part in p.relative_to(path).parts))
     if glob.has_magic(spec):
         matches = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
         if not matches:
