@@ -4,8 +4,8 @@
 
 Inputs: the five shared corpora (../shared/data/corpora) plus, unless --no-stdlib, the embedded
 stdlib corpus; tokenizer: GPT-2's (from ../shared/data/tokenizers/gpt2, tiktoken fast path).
-Each configuration runs `repeats` times and the best time counts (least disturbed by other
-processes on the machine). The 2-vs-1 wall-time ratio is the figure of merit; per-stage
+Each configuration runs `repeats` times, interleaved, and the best time counts (least disturbed
+by other processes on the machine). The 2-vs-1 wall-time ratio is the figure of merit; per-stage
 seconds show which stages scale, and total CPU seconds (parent + workers) show the overhead
 of parallelism independently of how loaded the machine is.
 """
@@ -20,6 +20,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from scratchlm.data import PrepareConfig, prepare_data
 from scratchlm.tokenizer import Tokenizer
@@ -59,13 +60,18 @@ def control_speedup(tasks: int = 8, n: int = 2_000_000) -> float:
     return serial / parallel
 
 
-def run(inputs: list[str], tok_dir: Path, workers: int, work: Path) -> tuple[float, float, dict]:
-    """(wall seconds, CPU seconds, manifest) of one `prepare_data` run."""
+class Run(NamedTuple):
+    seconds: float  # wall time
+    cpu: float  # CPU time, parent + workers
+    manifest: dict
+
+
+def run(inputs: list[str], tok_dir: Path, workers: int, work: Path) -> Run:
     out = work / f"data_w{workers}"
     shutil.rmtree(out, ignore_errors=True)
     start, cpu_start = time.perf_counter(), cpu_seconds()
     manifest = prepare_data(inputs, tok_dir, out, config=PrepareConfig(workers=workers, progress=False))
-    return time.perf_counter() - start, cpu_seconds() - cpu_start, manifest
+    return Run(time.perf_counter() - start, cpu_seconds() - cpu_start, manifest)
 
 
 def main() -> None:
@@ -80,26 +86,28 @@ def main() -> None:
         work = Path(tmp)
         gpt2 = SHARED / "tokenizers" / "gpt2"
         Tokenizer.from_gpt2(gpt2 / "encoder.json", gpt2 / "vocab.bpe").save(work / "tok")
-        results = {}
         control_before = control_speedup()
-        for workers in (1, 2):
-            runs = [run(inputs, work / "tok", workers, work) for _ in range(args.repeats)]
-            best = min(runs, key=lambda r: r[0])
-            results[workers] = (best[0], [r[0] for r in runs], best[1], best[2])
+        runs: dict[int, list[Run]] = {1: [], 2: []}
+        for _ in range(args.repeats):  # interleaved, so both settings see the same background load
+            for workers in runs:
+                runs[workers].append(run(inputs, work / "tok", workers, work))
+        control_after = control_speedup()
+    best = {workers: min(measured, key=lambda r: r.seconds) for workers, measured in runs.items()}
 
-    mb = results[1][3]["stages"][0]["bytes"] / 1e6
-    print(f"inputs: {', '.join(Path(i).name for i in inputs)} ({mb:.2f} MB raw, "
-          f"{results[1][3]['stages'][0]['documents']:,} documents); cpus: {os.cpu_count()}, "
-          f"1-min load average before: {load_before:.2f}, after: {os.getloadavg()[0]:.2f}")
-    stage_names = [row["stage"] for row in results[1][3]["stages"]]
+    read = best[1].manifest["stages"][0]
+    mb = read["bytes"] / 1e6
+    print(f"inputs: {', '.join(Path(i).name for i in inputs)} ({mb:.2f} MB raw, {read['documents']:,} "
+          f"documents); cpus: {os.cpu_count()}, 1-min load average before: {load_before:.2f}, "
+          f"after: {os.getloadavg()[0]:.2f}")
+    stage_names = [row["stage"] for row in best[1].manifest["stages"]]
     print("| workers | best s | MB/s | runs (s) | CPU s | " + " | ".join(f"{s} s" for s in stage_names) + " |")
     print("|---" * (5 + len(stage_names)) + "|")
-    for workers, (best, times, cpu, manifest) in results.items():
-        stages = " | ".join(f"{row['seconds']:.2f}" for row in manifest["stages"])
-        print(f"| {workers} | {best:.2f} | {mb / best:.2f} | {', '.join(f'{t:.2f}' for t in times)} | {cpu:.2f} | {stages} |")
-    control_after = control_speedup()
-    print(f"speedup 2 vs 1 workers: {results[1][0] / results[2][0]:.2f}x wall (goal >= 1.7x); "
-          f"CPU time 2 vs 1: {results[2][2] / results[1][2]:.2f}x (parallel overhead); "
+    for workers, b in best.items():
+        times = ", ".join(f"{r.seconds:.2f}" for r in runs[workers])
+        stages = " | ".join(f"{row['seconds']:.2f}" for row in b.manifest["stages"])
+        print(f"| {workers} | {b.seconds:.2f} | {mb / b.seconds:.2f} | {times} | {b.cpu:.2f} | {stages} |")
+    print(f"speedup 2 vs 1 workers: {best[1].seconds / best[2].seconds:.2f}x wall (goal >= 1.7x); "
+          f"CPU time 2 vs 1: {best[2].cpu / best[1].cpu:.2f}x (parallel overhead); "
           f"control (pure-Python loop, 2 vs 1 processes): {control_before:.2f}x before, {control_after:.2f}x after")
 
 

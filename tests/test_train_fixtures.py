@@ -61,3 +61,15 @@ def tiny_config(corpus: dict[str, Path], **sections) -> dict:
 def write_config(path: Path, config: dict) -> Path:
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Run each test's torch work on one thread (restored afterwards): on a shared 2-core
+    machine, two OpenMP threads contending with other processes ran 10-60x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

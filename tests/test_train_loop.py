@@ -17,7 +17,7 @@ from scratchlm.errors import ScratchLMError
 from scratchlm.train import checkpoint as ckpt
 from scratchlm.train.config import config_from_dict
 from scratchlm.train.loop import Trainer, accumulate_gradients, train
-from tests.test_train_fixtures import tiny_config, train_corpus  # noqa: F401 (fixture)
+from tests.test_train_fixtures import single_thread, tiny_config, train_corpus  # noqa: F401
 
 
 def _config(corpus, **sections):

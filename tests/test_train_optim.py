@@ -14,6 +14,7 @@ from scratchlm.train.config import OptimizerSection, ScheduleSection
 from scratchlm.train.optim import (AdamW, build_optimizer, clip_grad_norm_,
                                    newton_schulz_orthogonalize, split_decay_params)
 from scratchlm.train.schedule import lr_factor
+from tests.test_train_fixtures import single_thread  # noqa: F401 (autouse fixture)
 
 TINY = dict(vocab_size=96, context_length=16, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2)
 
