@@ -40,6 +40,7 @@ VARIANTS = {  # name -> (compile, autocast dtype); the first is the baseline
     "eager fp32": (False, None),
     "compiled fp32": (True, None),
     "eager bf16 autocast": (False, torch.bfloat16),
+    "compiled bf16 autocast": (True, torch.bfloat16),  # the GPU configuration (CUDA only)
 }
 
 
@@ -70,7 +71,14 @@ def make_step(preset: str, context: int, batch: int, compile_model: bool,
         if device == "cuda":
             torch.cuda.synchronize()
 
-    return step, model.num_params()
+    return step, model.num_params(), config.flops_per_token(context)
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, device: str) -> float | None:
+    from scratchlm.train.metrics import model_flops_utilization, peak_flops
+
+    return model_flops_utilization(tokens_per_s, flops_per_token,
+                                   peak_flops(torch.device(device)), world_size=1)
 
 
 def throughput(args: argparse.Namespace) -> None:
@@ -79,12 +87,13 @@ def throughput(args: argparse.Namespace) -> None:
     variant with a quieter minute."""
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, device {args.device}, {_load()}")
-    names = [n for n in VARIANTS if args.bf16 or "bf16" not in n]
+    names = [n for n in VARIANTS if (args.bf16 or "bf16" not in n)
+             and (args.device == "cuda" or n != "compiled bf16 autocast")]
     for preset in args.presets:
         steps, warmup_s = {}, {}
         for name in names:
-            steps[name], n_params = make_step(preset, args.context, args.batch, *VARIANTS[name],
-                                              args.device)
+            steps[name], n_params, flops_per_token = make_step(
+                preset, args.context, args.batch, *VARIANTS[name], args.device)
             t0 = time.perf_counter()
             for _ in range(args.warmup):  # includes compilation for the compiled variant
                 steps[name]()
@@ -107,6 +116,9 @@ def throughput(args: argparse.Namespace) -> None:
                               "tokens_per_s_median": round(median, 1),
                               "tokens_per_s_rounds": [round(r, 1) for r in rates[name]],
                               "vs_eager_fp32": round(median / base, 2),
+                              "mfu": mfu(median, flops_per_token, args.device),
+                              "device": (torch.cuda.get_device_name() if args.device == "cuda"
+                                         else "cpu"),
                               "warmup_s": round(warmup_s[name], 1),
                               "load_1min_per_round": [round(x, 1) for x in loads]}), flush=True)
 

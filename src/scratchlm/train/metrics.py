@@ -23,7 +23,8 @@ class MetricsLog:
     def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool) -> None:
         self.path = run_dir / METRICS_FILE
         self.enabled = enabled
-        self._tb = _tensorboard_writer(run_dir / "tensorboard") if enabled and tensorboard else None
+        self._tensorboard_dir = run_dir / "tensorboard" if enabled and tensorboard else None
+        self._tb = None  # opened at the first record, so a run refused at setup leaves no files
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop records past the checkpoint: those steps are about to be redone,
@@ -40,6 +41,9 @@ class MetricsLog:
         # last line, which read_metrics skips.
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+        if self._tb is None and self._tensorboard_dir is not None:
+            self._tb = _tensorboard_writer(self._tensorboard_dir)
+            self._tensorboard_dir = None  # one attempt: tensorboard may not be installed
         if self._tb is not None:
             prefix = record.get("kind", "train")
             for key, value in record.items():
