@@ -42,17 +42,19 @@ class RunSettings:
     corpus: tuple[str, ...] = ("stdlib",)
     val_corpus: tuple[str, ...] = ()
     preset: str = "tiny"
-    minutes: float = 5.0  # pretraining budget (wall clock)
+    minutes: float = 6.0  # pretraining budget (wall clock)
     out_dir: str = ""  # default: runs/<name of the first corpus>
     vocab_size: int = 2048
     context_length: int = 256
     tokenizer_sample_mb: float = 4.0  # BPE is trained on at most this much of the corpus
     val_fraction: float = 0.01
     split_by_position: bool = False  # val = the last val_fraction of the text (one long document)
+    # Small batches and a high learning rate: a ~1M-parameter model on a CPU budget learns far
+    # more per token from many small steps than from few large ones (docs/LOG.md, 2026-11-21).
     micro_batch_size: int = 16
-    global_batch_tokens: int = 16384
-    lr: float = 3e-3
-    warmup_steps: int = 50
+    global_batch_tokens: int = 4096
+    lr: float = 2e-3
+    warmup_steps: int = 20
     eval_documents: int = 400  # held-out documents scored at the end (the first N)
     sample_tokens: int = 120
     seed: int = 1337
@@ -159,7 +161,7 @@ class _Run:
             f"run.seed={s.seed}",
             f"run.device={s.device}",
             f"run.compile={str(s.compile).lower()}",
-            "run.eval_every=100",
+            "run.eval_every=250",
             "run.checkpoint_every=100",
             "run.checkpoint_minutes=1.0",
             "run.keep_checkpoints=2",
