@@ -47,7 +47,7 @@ class RunSettings:
     vocab_size: int = 2048
     context_length: int = 256
     tokenizer_sample_mb: float = 4.0  # BPE is trained on at most this much of the corpus
-    val_fraction: float = 0.01
+    val_fraction: float = 0.03  # ~20 stdlib files held out: enough bytes for a stable estimate
     split_by_position: bool = False  # val = the last val_fraction of the text (one long document)
     # Small batches and a high learning rate: a ~1M-parameter model on a CPU budget learns far
     # more per token from many small steps than from few large ones (docs/LOG.md, 2026-11-21).
