@@ -436,7 +436,7 @@ def _report_markdown(run: _Run, f: dict[str, Any], model_table: str, data_table:
         "",
     ]
     for sample in samples:
-        lines += [f"**Prompt** `{sample['prompt']!r}`", "", "```", sample["completion"], "```", ""]
+        lines += [f"**Prompt** `{sample['prompt']!r}`", "", "```", sample["prompt"] + sample["completion"], "```", ""]
     lines += [
         "## Time per stage",
         "",
