@@ -121,9 +121,11 @@ class _Run:
         from scratchlm.tokenizer.commands import train_tokenizer
 
         s = self.settings
+        train_inputs, val_inputs = self.inputs()
         sample = self.dir / "tokenizer_sample.txt"
-        n_bytes = _write_tokenizer_sample(self._corpus_specs(), sample, int(s.tokenizer_sample_mb * 1e6),
-                                          s.val_fraction if not (s.val_corpus or s.split_by_position) else 0.0)
+        hash_split = not (val_inputs or s.split_by_position)
+        n_bytes = _write_tokenizer_sample(train_inputs, sample, int(s.tokenizer_sample_mb * 1e6),
+                                          s.val_fraction if hash_split else 0.0)
         summary = train_tokenizer([sample], s.vocab_size, self.dir / "tokenizer", progress=True)
         sample.unlink()
         self.say(summary.describe())
@@ -135,9 +137,10 @@ class _Run:
         from scratchlm.data import PrepareConfig, format_stats_table, prepare_data
 
         s = self.settings
-        config = PrepareConfig(val_inputs=tuple(self._specs(s.val_corpus)), val_fraction=s.val_fraction,
+        train_inputs, val_inputs = self.inputs()
+        config = PrepareConfig(val_inputs=tuple(val_inputs), val_fraction=s.val_fraction,
                                split_by_position=s.split_by_position)
-        manifest = prepare_data(self._corpus_specs(), self.dir / "tokenizer", self.dir / "data",
+        manifest = prepare_data(train_inputs, self.dir / "tokenizer", self.dir / "data",
                                 config=config, overwrite=True)
         self.say(format_stats_table(manifest))
         splits = manifest["splits"]
@@ -215,20 +218,21 @@ class _Run:
         return {"count": len(samples)}
 
     # ------------------------------------------------------------------ driver
-    def _specs(self, specs: tuple[str, ...]) -> list[str]:
-        """Named downloadable corpora become local files; paths and `stdlib` pass through."""
+    def inputs(self) -> tuple[list[str], list[str]]:
+        """(training inputs, validation inputs). Named corpora are downloaded (once: files already
+        complete are not fetched again), and the files a corpus publishes as its own validation
+        split are held out; paths and `stdlib` pass through."""
         from scratchlm.data.hub import CORPORA, download_corpus
 
-        resolved: list[str] = []
-        for spec in specs:
-            if spec in CORPORA:
-                resolved += [str(p) for p in download_corpus(spec, self.dir / "downloads" / spec)]
-            else:
-                resolved.append(spec)
-        return resolved
-
-    def _corpus_specs(self) -> list[str]:
-        return self._specs(self.settings.corpus)
+        train, val = [], list(self.settings.val_corpus)
+        for spec in self.settings.corpus:
+            if spec not in CORPORA:
+                train.append(spec)
+                continue
+            for path in download_corpus(spec, self.dir / "downloads" / spec):
+                is_val = any(path.as_posix().endswith(name) for name in CORPORA[spec].val_files)
+                (val if is_val else train).append(str(path))
+        return train, val
 
     def check_inputs(self) -> None:
         """Fail on a missing corpus path before anything is written."""

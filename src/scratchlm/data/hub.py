@@ -22,6 +22,7 @@ class HubCorpus:
     files: tuple[str, ...]
     description: str
     revision: str = "main"
+    val_files: tuple[str, ...] = ()  # those of `files` that are the corpus' own validation split
 
 
 CORPORA: dict[str, HubCorpus] = {
@@ -29,6 +30,7 @@ CORPORA: dict[str, HubCorpus] = {
         "roneneldan/TinyStories",
         ("TinyStoriesV2-GPT4-train.txt", "TinyStoriesV2-GPT4-valid.txt"),
         "TinyStories V2 (GPT-4 generated children's stories), stories separated by <|endoftext|>; 2.2 GB",
+        val_files=("TinyStoriesV2-GPT4-valid.txt",),
     ),
     "tinystories-valid": HubCorpus(
         "roneneldan/TinyStories",
