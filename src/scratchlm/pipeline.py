@@ -30,9 +30,12 @@ from scratchlm.fsutil import atomic_write_json, atomic_write_text
 
 STAGES = ("tokenizer", "data", "train", "eval", "samples")
 
-# Prompts for the closing samples: one that suits code corpora and two that suit prose, so
-# every corpus gets at least one fitting prompt.
-SAMPLE_PROMPTS = ("def ", "import ", "Once upon a time", "The ")
+# Prompts for the closing samples, by the kind of text the model was trained on (the data
+# stage records each source's filter profile).
+SAMPLE_PROMPTS = {
+    "code": ("def ", "import ", "class ", "    return "),
+    "prose": ("Once upon a time", "The ", "She said", "\n"),
+}
 
 
 @dataclass
@@ -176,6 +179,17 @@ class _Run:
         summary = train(self.train_config(), self.dir / "train", resume=True)
         return {k: v for k, v in summary.items() if isinstance(v, (int, float, str, type(None)))}
 
+    def corpus_profile(self) -> str:
+        """"code" or "prose": the profile of most training bytes, from the data manifest."""
+        from scratchlm.data import read_manifest
+
+        bytes_by_profile: dict[str, int] = {}
+        for source in read_manifest(self.dir / "data")["sources"]:
+            if source["role"] == "train":
+                profile = source["profile"] if source["profile"] in SAMPLE_PROMPTS else "prose"
+                bytes_by_profile[profile] = bytes_by_profile.get(profile, 0) + source["bytes"]
+        return max(bytes_by_profile, key=bytes_by_profile.get, default="prose")
+
     def model_dir(self) -> Path:
         return self.dir / "train" / "final"
 
@@ -210,7 +224,7 @@ class _Run:
         s = self.settings
         model, tokenizer = load_model(self.model_dir(), device=_device(s.device))
         samples = []
-        for i, prompt in enumerate(SAMPLE_PROMPTS):
+        for i, prompt in enumerate(SAMPLE_PROMPTS[self.corpus_profile()]):
             text = generate_text(model, tokenizer, prompt, max_new_tokens=s.sample_tokens,
                                  temperature=0.8, top_k=50, seed=s.seed + i)
             samples.append({"prompt": prompt, "completion": text})
@@ -457,11 +471,15 @@ def _report_markdown(run: _Run, f: dict[str, Any], model_table: str, data_table:
         "",
         "```bash",
         run.state.get("command", "scratchlm run"),
-        f"scratchlm generate {f['model_dir']} --prompt 'def ' --max-tokens 200",
+        f"scratchlm generate {f['model_dir']} --prompt {shlex.quote(_hint_prompt(run))} --max-tokens 200",
         "```",
         "",
     ]
     return "\n".join(lines)
+
+
+def _hint_prompt(run: _Run) -> str:
+    return SAMPLE_PROMPTS[run.corpus_profile()][0]
 
 
 def _closing_message(run: _Run, f: dict[str, Any]) -> str:
@@ -473,6 +491,7 @@ def _closing_message(run: _Run, f: dict[str, Any]) -> str:
         f"Model:  {model_dir}",
         f"Report: {run.dir / 'report.md'}",
         "Try it:",
-        f"  scratchlm generate {model_dir} --prompt 'def ' --max-tokens 200 --temperature 0.8",
+        f"  scratchlm generate {model_dir} --prompt {shlex.quote(_hint_prompt(run))} --max-tokens 200 "
+        "--temperature 0.8",
         f"  scratchlm model info {model_dir}",
     ])
