@@ -21,7 +21,7 @@ import shlex
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -199,9 +199,10 @@ class _Run:
         from scratchlm.data import iter_documents
         from scratchlm.eval import compression_bits_per_byte, evaluate_bits_per_byte
         from scratchlm.model import load_model
+        from scratchlm.train.distributed import pick_device
 
         s = self.settings
-        model, tokenizer = load_model(self.model_dir(), device=_device(s.device))
+        model, tokenizer = load_model(self.model_dir(), device=pick_device(s.device))
         docs = list(islice(iter_documents(self.dir / "data", "val"), s.eval_documents))
         result = evaluate_bits_per_byte(model, tokenizer, docs, context_length=model.config.context_length,
                                         batch_size=16)
@@ -220,9 +221,10 @@ class _Run:
     def stage_samples(self) -> dict[str, Any]:
         from scratchlm.infer import generate_text
         from scratchlm.model import load_model
+        from scratchlm.train.distributed import pick_device
 
         s = self.settings
-        model, tokenizer = load_model(self.model_dir(), device=_device(s.device))
+        model, tokenizer = load_model(self.model_dir(), device=pick_device(s.device))
         samples = []
         for i, prompt in enumerate(SAMPLE_PROMPTS[self.corpus_profile()]):
             text = generate_text(model, tokenizer, prompt, max_new_tokens=s.sample_tokens,
@@ -291,18 +293,6 @@ def _normal(value: Any) -> Any:
 
 def _command_line() -> str:
     return "scratchlm " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "scratchlm run"
-
-
-def _device(name: str) -> str:
-    if name != "auto":
-        return name
-    import torch
-
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
 
 
 def _write_tokenizer_sample(specs: list[str], path: Path, max_bytes: int, val_fraction: float) -> int:
