@@ -273,18 +273,17 @@ def _add_generate_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"],
+                   help="auto: cuda, then mps, then cpu")
     p.set_defaults(func=_generate)
 
 
 def _generate(args: argparse.Namespace) -> None:
-    import torch
-
     from scratchlm.infer import generate
     from scratchlm.model import load_model
+    from scratchlm.train.distributed import pick_device
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load_model(args.model_dir, device=device)
+    model, tokenizer = load_model(args.model_dir, device=pick_device(args.device))
     for piece in generate(model, tokenizer, args.prompt, max_new_tokens=args.max_tokens,
                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                           seed=args.seed):
