@@ -11,7 +11,7 @@ from scratchlm.data.dedup import (
     MinHasher, choose_bands, estimated_jaccard, exact_key, near_duplicate_keep_mask, near_duplicate_pairs,
     word_hashes_of,
 )
-from scratchlm.data.sources import iter_documents_from
+from scratchlm.sources import iter_documents_from
 from tests.conftest import shared_file
 
 THRESHOLD = 0.8

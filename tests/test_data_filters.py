@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
-import re
+import random
 import sysconfig
 from pathlib import Path
 
@@ -12,13 +12,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import zstandard
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from scratchlm.data.clean import clean_text
 from scratchlm.data.filters import (
     FILTERS, PROFILES, Blocklists, DocView, FilterConfig, first_failing_filter, scrub_pii,
 )
-from scratchlm.data.sources import (
-    SourceStats, iter_documents_from, resolve_input, split_text, stdlib_files,
+from scratchlm.sources import (
+    SourceStats, iter_documents_from, looks_binary, resolve_input, split_text, stdlib_files,
 )
 from scratchlm.errors import ScratchLMError
 from tests.conftest import shared_file
@@ -135,18 +137,80 @@ def test_clean_text():
 
 
 # --------------------------------------------------------------------------- sources
-def test_jsonl_malformed_lines_are_counted_or_fatal(tmp_path):
+def test_jsonl_malformed_lines_are_counted_or_fatal(tmp_path, recwarn):
     path = tmp_path / "docs.jsonl"
     path.write_text('{"text": "one"}\nnot json\n{"body": "x"}\n\n{"text": 5}\n{"text": "two", "url": "http://a.b"}\n')
     stats = SourceStats(input=str(path))
-    with pytest.warns(UserWarning) as caught:
-        docs = list(iter_documents_from(str(path), stats=stats))
-    warned = [re.search(r"docs\.jsonl:(\d+)", str(w.message)) for w in caught]
-    assert [m.group(1) for m in warned if m] == ["2", "3", "5"]
+    docs = list(iter_documents_from(str(path), stats=stats))
     assert [d.text for d in docs] == ["one", "two"] and docs[1].url == "http://a.b"
-    assert stats.malformed == 3 and stats.malformed_locations == [f"{path}:2", f"{path}:3", f"{path}:5"]
+    assert stats.malformed == 3
+    assert [e.split(": ")[0] for e in stats.malformed_examples] == [f"{path}:2", f"{path}:3", f"{path}:5"]
+    assert "missing field 'text'" in stats.malformed_examples[1]
+    assert len(recwarn) == 0  # counted for the summary, never printed per record
     with pytest.raises(ScratchLMError, match=r"docs\.jsonl:2"):
         list(iter_documents_from(str(path), strict_json=True))
+
+
+def test_thousands_of_malformed_records_make_one_summary_line(tmp_path, recwarn):
+    path = tmp_path / "many.jsonl"
+    path.write_text("".join('{"text": "fine"}\n' if i % 4 == 0 else "{broken\n" for i in range(4000)))
+    stats = SourceStats(input=str(path))
+    assert len(list(iter_documents_from(str(path), stats=stats))) == 1000
+    assert stats.malformed == 3000 and len(stats.malformed_examples) == 3
+    (line,) = stats.problems()
+    assert "3,000 malformed record(s) skipped" in line and f"{path}:2:" in line
+    assert len(recwarn) == 0
+
+
+def test_invalid_utf8_is_counted_per_file(tmp_path):
+    (tmp_path / "a.txt").write_bytes(b"caf\xe9 au lait\n" * 10 + b"fine line\n")
+    (tmp_path / "b.jsonl").write_bytes(b'{"text": "na\xefve \xff\xfe"}\n{"text": "ok"}\n')
+    (tmp_path / "c.json").write_bytes(b'[{"text": "lone surrogate \\ud83d here"}]')
+    (tmp_path / "d.txt").write_text("all good\n")
+    stats = SourceStats(input=str(tmp_path))
+    texts = [d.text for d in iter_documents_from(str(tmp_path), stats=stats)]
+    assert texts[0] == "caf\ufffd au lait" and "na\ufffdve \ufffd\ufffd" in texts
+    assert "lone surrogate \ufffd here" in texts
+    # a.txt: 10 bytes; b.jsonl: 1 + 2 (FF and FE are each invalid on their own); c.json: 1
+    assert stats.invalid_utf8_bytes == 10 + 3 + 1
+    assert [Path(f).name for f in stats.invalid_utf8_files] == ["a.txt", "b.jsonl", "c.json"]
+    assert "14 byte(s) of invalid UTF-8" in stats.problems()[0]
+
+
+def test_binary_files_are_skipped_and_reported(tmp_path):
+    (tmp_path / "text.txt").write_text("A line of real text.\nAnother one.\n")
+    (tmp_path / "noise.txt").write_bytes(random.Random(0).randbytes(50_000))
+    (tmp_path / "utf16.txt").write_bytes("Text in UTF-16 is not UTF-8.\n".encode("utf-16") * 20)
+    stats = SourceStats(input=str(tmp_path))
+    texts = [d.text for d in iter_documents_from(str(tmp_path), stats=stats)]
+    assert texts == ["A line of real text.", "Another one."]
+    assert sorted(Path(f.split(" (")[0]).name for f in stats.binary_files) == ["noise.txt", "utf16.txt"]
+    assert "look like binary data" in stats.problems()[0]
+    assert looks_binary(random.Random(1).randbytes(1000).decode("utf-8", "replace"))
+    assert not looks_binary(shared_file("corpora/wiki_demo.txt").read_text(encoding="utf-8"))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(["a", "b c", "\n", "\n\n", "\r\n", "\r", "<|endoftext|>", "<|endo", "ftext|>", " "]),
+                max_size=40),
+       st.lists(st.integers(min_value=1, max_value=7), min_size=1, max_size=6),
+       st.sampled_from(["eot", "line", "blank", "file"]))
+def test_streamed_documents_equal_whole_text_documents(tmp_path_factory, pieces, block_sizes, mode):
+    """Plain text is cut into documents block by block; the cuts must not depend on where
+    the blocks end (tiny READ_BLOCK_BYTES makes a few characters a block)."""
+    text = "".join(pieces)
+    path = tmp_path_factory.mktemp("stream") / "t.txt"
+    path.write_bytes(text.encode())
+    import scratchlm.sources as sources
+
+    original = sources.READ_BLOCK_BYTES
+    try:
+        for size in block_sizes:
+            sources.READ_BLOCK_BYTES = size
+            docs = [d.text for d in iter_documents_from(str(path), doc_mode=mode, min_doc_chars=4)]
+            assert docs == split_text(text, mode, 4)
+    finally:
+        sources.READ_BLOCK_BYTES = original
 
 
 def test_compressed_json_parquet_dirs_and_globs(tmp_path):

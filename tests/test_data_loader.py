@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from scratchlm.data import TokenLoader, iter_documents, read_manifest
+from scratchlm.data.loader import IGNORE, document_pieces
 from scratchlm.data.shards import FORMAT_VERSION, MANIFEST, ShardWriter, shard_dtype
 from scratchlm.errors import ScratchLMError
 from scratchlm.fsutil import atomic_write_json
@@ -56,47 +57,85 @@ def window_ids(x: torch.Tensor) -> list[tuple[int, ...]]:
     return [tuple(row) for row in x.tolist()]
 
 
-def test_batches_are_shifted_windows_of_the_stream(data_dir):
+def targets_and_inputs(x: torch.Tensor, y: torch.Tensor) -> list[tuple[int, int]]:
+    """(input, target) of every non-padding position."""
+    keep = y != IGNORE
+    return list(zip(x[keep].tolist(), y[keep].tolist()))
+
+
+def successor_pairs(shards: list[np.ndarray]) -> set[tuple[int, int]]:
+    """(token, next token) pairs of the shard streams, with the implied EOT before each shard."""
+    pairs = set()
+    for shard in shards:
+        with_bos = np.concatenate([[EOT], shard])
+        pairs.update(zip(with_bos[:-1].tolist(), with_bos[1:].tolist()))
+    return pairs
+
+
+def test_stream_rows_are_consecutive_pieces_of_the_stream(data_dir):
     loader = TokenLoader(data_dir, "train", batch_size=4, context_length=T, seed=1)
-    # Every non-EOT token is unique, so it tells where its window lies in which shard.
-    where = {int(tok): (s, pos) for s, shard in enumerate(stream_of(data_dir))
-             for pos, tok in enumerate(shard) if tok != EOT}
+    # Every non-EOT token is unique, so it tells where its row lies in which shard.
     shards = stream_of(data_dir)
+    where = {int(tok): (s, pos) for s, shard in enumerate(shards) for pos, tok in enumerate(shard) if tok != EOT}
     for _ in range(10):
         x, y = loader.next_batch()
         assert x.dtype == y.dtype == torch.int64 and x.shape == y.shape == (4, T)
-        assert torch.equal(x[:, 1:], y[:, :-1])
         for row_x, row_y in zip(x.numpy(), y.numpy()):
-            j = int(np.flatnonzero(row_x != EOT)[0])
-            shard, pos = where[int(row_x[j])]
+            n = int((row_y != IGNORE).sum())  # a shard's last row is padded
+            j = int(np.flatnonzero((row_y != EOT) & (row_y != IGNORE))[0])
+            shard, pos = where[int(row_y[j])]
             start = pos - j
-            assert np.array_equal(row_x, shards[shard][start : start + T])
-            assert np.array_equal(row_y, shards[shard][start + 1 : start + T + 1])
+            assert np.array_equal(row_y[:n], shards[shard][start : start + n])
+            assert np.all(row_y[n:] == IGNORE) and np.all(row_x[n:] == EOT)
+            previous = shards[shard][start - 1] if start else EOT  # the implied EOT
+            assert row_x[0] == previous and np.array_equal(row_x[1:n], row_y[: n - 1])
 
 
 @pytest.mark.parametrize("packing", ["stream", "document"])
-def test_one_epoch_visits_every_window_once(data_dir, packing):
+def test_one_epoch_predicts_every_token_exactly_once(data_dir, packing):
     loader = TokenLoader(data_dir, "train", batch_size=1, context_length=T, packing=packing)
-    seen = []
-    for _ in range(loader.windows_per_rank):
-        seen.extend(window_ids(loader.next_batch()[0]))
-    assert len(set(seen)) == loader.num_windows == len(seen)
-    assert loader.epoch == 1
-    assert loader.tokens_per_epoch == loader.num_windows * T
     shards = stream_of(data_dir)
-    total = sum(len(s) for s in shards)
-    if packing == "stream":  # contiguous, non-overlapping: all but the shard tails
-        assert loader.num_windows == sum((len(s) - 1) // T for s in shards)
-        assert loader.num_windows * T > total - len(shards) * (T + 1)
-    else:  # every window starts at a document start or k·T into its document
-        starts = {}
-        for s in shards:
-            doc_starts = np.concatenate([[0], np.flatnonzero(s == EOT)[:-1] + 1])
-            for d, e in zip(doc_starts, np.append(doc_starts[1:], len(s))):
-                for k in range(d, e, T):
-                    if k + T + 1 <= len(s):
-                        starts[int(s[k])] = True
-        assert {w[0] for w in seen} == set(starts)
+    targets, rows = [], set()
+    for _ in range(loader.windows_per_rank):
+        x, y = loader.next_batch()
+        rows.add(tuple(x[0].tolist()))
+        pairs = targets_and_inputs(x, y)
+        assert set(pairs) <= successor_pairs(shards)  # each target follows its input in a document
+        targets.extend(t for _, t in pairs)
+    assert len(rows) == loader.num_windows and loader.epoch == 1
+    stream = np.concatenate(shards)
+    assert sorted(targets) == sorted(stream.tolist())  # every token (EOTs included) once
+    assert loader.tokens_per_epoch == len(stream)
+    slots = loader.num_windows * T
+    assert loader.padding_fraction == pytest.approx(1 - len(stream) / slots)
+
+
+def test_document_rows_start_at_documents_and_keep_short_documents_whole(data_dir):
+    loader = TokenLoader(data_dir, "train", batch_size=1, context_length=T, packing="document")
+    row_of_target = {}
+    for row in range(loader.windows_per_rank):
+        x, y = loader.next_batch()
+        starts = (x[0] == EOT).nonzero().flatten().tolist()
+        # A row begins with a document's EOT, or with the continuation of a long document,
+        # which then comes first and unpadded.
+        first = starts[0] if starts else T
+        assert bool((y[0, :first] != IGNORE).all())
+        for t in y[0][y[0] != IGNORE].tolist():
+            if t != EOT:
+                row_of_target[t] = row
+        segments = loader.segment_ids(x)[0]
+        assert segments.tolist() == sorted(segments.tolist())  # documents come one after another
+    for doc in unique_docs(np.random.default_rng(0).integers(3, 60, size=120).tolist()):
+        if len(doc) + 1 <= T:  # fits a row: never cut
+            assert len({row_of_target[int(t)] for t in doc}) == 1
+    # Most documents here exceed the 16-token context, so their remainders open rows of their
+    # own; with documents mostly shorter than the context, best-fit padding is far lower:
+    assert loader.padding_fraction < 0.15
+    lengths = np.random.default_rng(1).integers(100, 400, size=2000)  # TinyStories-like, context 512
+    doc_starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    starts, ends, rows = document_pieces(doc_starts, int(lengths.sum()), 512)
+    assert np.array_equal(np.sort(starts), doc_starts)  # no document cut
+    assert 1 - lengths.sum() / ((rows.max() + 1) * 512) < 0.01  # under 1% padding
 
 
 def test_same_seed_same_batches_other_seed_other_order(data_dir):
@@ -155,7 +194,7 @@ def test_ranks_read_disjoint_windows(data_dir, packing):
 
 def test_tiny_val_split_still_yields_batches(data_dir):
     val = TokenLoader(data_dir, "val", batch_size=8, context_length=T)
-    assert val.windows_per_rank == (49 - 1) // T  # 40 + 7 tokens + 2 EOT
+    assert val.windows_per_rank == -(-49 // T)  # 40 + 7 tokens + 2 EOT, the last row padded
     x, y = val.next_batch()  # batch larger than the split: windows repeat across epochs
     assert x.shape == (8, T) and val.epoch >= 2
     again = TokenLoader(data_dir, "val", batch_size=8, context_length=T)
@@ -163,8 +202,9 @@ def test_tiny_val_split_still_yields_batches(data_dir):
 
 
 def test_bad_arguments(data_dir, tmp_path):
-    with pytest.raises(ScratchLMError, match="window"):
-        TokenLoader(data_dir, "val", batch_size=1, context_length=100)
+    assert TokenLoader(data_dir, "val", batch_size=1, context_length=100).num_windows == 1
+    with pytest.raises(ScratchLMError, match="not one row per rank for 2"):
+        TokenLoader(data_dir, "val", batch_size=1, context_length=100, rank=1, world_size=2)
     with pytest.raises(ScratchLMError, match="packing"):
         TokenLoader(data_dir, "train", batch_size=1, context_length=T, packing="padded")
     with pytest.raises(ScratchLMError, match="rank"):

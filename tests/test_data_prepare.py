@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 
 from scratchlm.cli import main
@@ -13,7 +14,7 @@ from scratchlm.data import PrepareConfig, TokenLoader, iter_documents, prepare_d
 from scratchlm.data.clean import clean_text
 from scratchlm.data.filters import Blocklists, FilterConfig, first_failing_filter
 from scratchlm.data.shards import ShardWriter
-from scratchlm.data.sources import iter_documents_from
+from scratchlm.sources import iter_documents_from
 from scratchlm.errors import ScratchLMError
 from scratchlm.tokenizer import Tokenizer
 from tests.conftest import shared_file
@@ -143,12 +144,12 @@ def test_existing_output_is_refused_or_replaced_atomically(tmp_path, tok_dir, mo
     src.write_text("<|endoftext|>".join(f"document {i} with some words" for i in range(40)))
     out = tmp_path / "out"
     out.mkdir()
-    (out / "old_shard.bin").write_bytes(b"old")
+    (out / "notes.txt").write_text("the user's own file")
     config = PrepareConfig(**NO_FILTERS)
-    with pytest.raises(ScratchLMError, match="not empty"):
+    with pytest.raises(ScratchLMError, match="not empty.*--overwrite"):
         prepare_data([str(src)], tok_dir, out, config=config)
 
-    # An interrupted run (failure while writing shards) leaves the old directory untouched
+    # An interrupted run (failure while writing shards) leaves the directory untouched
     # and no temporary directory behind.
     calls = {"n": 0}
     original_add = ShardWriter.add
@@ -162,12 +163,64 @@ def test_existing_output_is_refused_or_replaced_atomically(tmp_path, tok_dir, mo
     monkeypatch.setattr(ShardWriter, "add", failing_add)
     with pytest.raises(KeyboardInterrupt):
         prepare_data([str(src)], tok_dir, out, config=PrepareConfig(shard_tokens=10, **NO_FILTERS), overwrite=True)
-    assert sorted(os.listdir(out)) == ["old_shard.bin"]
+    assert sorted(os.listdir(out)) == ["notes.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src.txt"]
     monkeypatch.undo()
 
-    prepare_data([str(src)], tok_dir, out, config=config, overwrite=True)
-    assert "old_shard.bin" not in os.listdir(out) and (out / "manifest.json").is_file()
+    # --overwrite writes the data directory beside the user's file, which stays.
+    many = prepare_data([str(src)], tok_dir, out, config=PrepareConfig(shard_tokens=10, **NO_FILTERS),
+                        overwrite=True)
+    assert len(many["splits"]["train"]["shards"]) > 3
+    assert (out / "notes.txt").read_text() == "the user's own file"
+    # Overwriting an earlier output removes that output's shards the new one does not replace.
+    few = prepare_data([str(src)], tok_dir, out, config=config, overwrite=True)
+    shards = {s["file"] for split in few["splits"].values() for s in split["shards"]}
+    expected = {"manifest.json", "notes.txt", *shards, *(f.replace(".bin", ".idx.npy") for f in shards)}
+    assert set(os.listdir(out)) == expected
+    assert read_manifest(out) == few
+
+
+def test_special_token_text_in_documents_never_becomes_a_boundary(tmp_path, tok_dir, tok):
+    """A document that spells <|endoftext|> (JSONL, Parquet, blank-line or line documents) is
+    encoded as ordinary text: the only EOT ids in the shards are the separators prepare adds."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    eot = "<|endoftext|>"
+    texts = [f"Story {i}: the page quotes {eot} and then the story goes on, word after word." for i in range(30)]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    pq.write_table(pa.table({"text": texts}), tmp_path / "b.parquet")
+    (tmp_path / "c.txt").write_text("\n\n".join(texts))  # blank-line documents
+    (tmp_path / "d.txt").write_text("\n".join(texts))  # one document per line
+    for name, mode in (("a.jsonl", "auto"), ("b.parquet", "auto"), ("c.txt", "blank"), ("d.txt", "line")):
+        out = tmp_path / f"data-{name}"
+        config = PrepareConfig(doc_mode=mode, min_doc_chars=1, val_fraction=0.2, **NO_FILTERS)
+        manifest = prepare_data([str(tmp_path / name)], tok_dir, out, config=config)
+        for split in ("train", "val"):
+            documents = decoded(tok, out, split)
+            assert all(eot in d for d in documents), name
+            stream = np.concatenate([np.fromfile(out / s["file"], dtype=np.uint16)
+                                     for s in manifest["splits"][split]["shards"]])
+            assert int((stream == tok.eot_id).sum()) == manifest["splits"][split]["documents"], name
+        assert sum(manifest["splits"][s]["documents"] for s in ("train", "val")) == 30
+
+
+def test_problems_in_the_input_are_summarised_once(tmp_path, tok_dir, capsys, recwarn):
+    rng = np.random.default_rng(0)
+    good = [{"text": f"Document {i} has plenty of ordinary words in it, as documents do."} for i in range(60)]
+    lines = [json.dumps(r) for r in good] + ["{broken"] * 3000
+    noise = rng.integers(0, 256, 3000, dtype=np.uint8).tobytes().decode("latin-1")
+    lines.append(json.dumps({"text": noise.encode("latin-1").decode("utf-8", "replace")}))  # binary junk
+    (tmp_path / "in.jsonl").write_bytes(("\n".join(lines) + "\n").encode() + b'{"text": "caf\xe9 ok"}\n')
+    assert main(["data", "prepare", "--input", str(tmp_path / "in.jsonl"), "--tokenizer", str(tok_dir),
+                 "-o", str(tmp_path / "data"), "--no-filter", "all", "--no-dedup", "--workers", "1"]) == 0
+    captured = capsys.readouterr()
+    assert "3,000 malformed record(s) skipped" in captured.out and "in.jsonl:61" in captured.out
+    assert "1 byte(s) of invalid UTF-8" in captured.out
+    assert "binary 1" in captured.out  # the junk record, dropped by the always-on binary filter
+    assert captured.err.count("malformed") == 0 and len(recwarn) == 0
+    manifest = read_manifest(tmp_path / "data")
+    assert manifest["filters"]["binary"] == {"enabled": True, "profiles": ["prose", "code"], "dropped": 1}
 
 
 def test_cli_prepare_and_errors(tmp_path, tok_dir, capsys):

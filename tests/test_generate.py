@@ -120,8 +120,9 @@ def test_text_pieces_join_to_the_decoded_tokens(model, tokenizer, seed):
     must still join to exactly what Tokenizer.decode gives for the same tokens."""
     pieces = list(generate(model, tokenizer, "Hi", max_new_tokens=30, temperature=1.0, seed=seed))
     gen = torch.Generator().manual_seed(seed)
-    ids = list(model.generate(torch.tensor([tokenizer.encode("Hi")]), 30, temperature=1.0,
-                              generator=gen, stop_token=tokenizer.eot_id))
+    # The prompt starts a document: it follows <|endoftext|>, as documents do in training.
+    ids = list(model.generate(torch.tensor([[tokenizer.eot_id] + tokenizer.encode("Hi")]), 30,
+                              temperature=1.0, generator=gen, stop_token=tokenizer.eot_id))
     assert "".join(pieces) == tokenizer.decode(ids)
     assert generate_text(model, tokenizer, "Hi", max_new_tokens=30, temperature=1.0, seed=seed) == "".join(pieces)
 
@@ -137,3 +138,46 @@ def test_incomplete_characters_are_held_back(model, tokenizer, monkeypatch):
 def test_empty_prompt_starts_a_new_document(model, tokenizer):
     assert generate_text(model, tokenizer, "", max_new_tokens=5, temperature=0) == \
         tokenizer.decode(greedy_without_cache(model, [tokenizer.eot_id], 5))
+
+
+def test_prompt_is_ordinary_text_after_a_document_start(model, tokenizer, monkeypatch):
+    seen = {}
+
+    def record(idx, *args, **kwargs):
+        seen["prompt"] = idx[0].tolist()
+        return iter([])
+
+    monkeypatch.setattr(model, "generate", record)
+    generate_text(model, tokenizer, "a<|endoftext|>b", max_new_tokens=3)
+    # One EOT, the document start; the one written in the prompt is text (forging nothing).
+    assert seen["prompt"] == [tokenizer.eot_id] + list(b"a<|endoftext|>b")
+
+
+def test_a_prompt_longer_than_the_context_is_cropped_with_a_notice(model, tokenizer, monkeypatch):
+    seen, notices = {}, []
+    monkeypatch.setattr(model, "generate", lambda idx, *a, **k: seen.update(prompt=idx[0].tolist()) or iter([]))
+    long_prompt = "x" * (model.config.context_length + 10)
+    generate_text(model, tokenizer, long_prompt, max_new_tokens=3, notice=notices.append)
+    assert len(seen["prompt"]) == model.config.context_length
+    assert len(notices) == 1 and "sees only its last" in notices[0]
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--max-tokens", "-1", "max tokens must be at least 1"),
+    ("--max-tokens", "0", "max tokens must be at least 1"),
+    ("--temperature", "-0.5", "temperature must be >= 0"),
+    ("--top-k", "0", "top_k must be >= 1"),
+    ("--top-p", "1.5", "top_p must be in"),
+])
+def test_bad_generation_options_fail_before_the_model_is_loaded(option, value, message, tmp_path, capsys,
+                                                                 monkeypatch):
+    import scratchlm.model.directory as directory
+    from scratchlm.cli import main
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(directory, "load_model", must_not_load)
+    assert main(["generate", str(tmp_path / "no-model"), "--prompt", "x", option, value]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]

@@ -257,6 +257,43 @@ def test_cache_overflow_is_an_error():
         model.new_kv_cache(batch_size=1, max_len=64)
 
 
+# --------------------------------------------------------------------------- document masking
+@pytest.mark.parametrize("style", [{}, GPT2_STYLE], ids=["llama", "gpt2"])
+def test_packed_documents_with_segment_ids_equal_each_document_alone(style):
+    """Rows packing several documents (segment ids) give each document the logits it gets
+    when run alone: no attention across documents, positions restarting (learned ones too)."""
+    torch.manual_seed(0)
+    model = Transformer(small_config(**style)).eval()
+    lengths = [[5, 11, 1, 9], [26], [3, 3, 3, 3, 3, 3, 3]]  # one row per list, padded to 26
+    documents = [[torch.randint(0, 97, (n,)) for n in row] for row in lengths]
+    idx = torch.zeros(3, 26, dtype=torch.long)
+    segments = torch.zeros(3, 26, dtype=torch.long)
+    for r, row in enumerate(documents):
+        at = 0
+        for d, doc in enumerate(row):
+            idx[r, at : at + len(doc)], segments[r, at : at + len(doc)] = doc, d
+            at += len(doc)
+        segments[r, at:] = len(row)  # padding: a segment of its own
+    with torch.no_grad():
+        packed = model(idx, segment_ids=segments)
+        for r, row in enumerate(documents):
+            at = 0
+            for doc in row:
+                alone = model(doc[None])[0]
+                torch.testing.assert_close(packed[r, at : at + len(doc)], alone, atol=1e-5, rtol=1e-5)
+                at += len(doc)
+        # Without segment ids the second document would see the first: the check has teeth.
+        assert not torch.allclose(model(idx)[0, 5:16], model(documents[0][1][None])[0], atol=1e-3)
+
+
+def test_document_attention_positions_and_mask():
+    positions, mask = layers.document_attention(torch.tensor([[0, 0, 1, 1, 1, 2]]))
+    assert positions.tolist() == [[0, 1, 0, 1, 2, 0]]
+    expected = torch.tensor([[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0],
+                             [0, 0, 1, 1, 0, 0], [0, 0, 1, 1, 1, 0], [0, 0, 0, 0, 0, 1]], dtype=torch.bool)
+    assert torch.equal(mask[0, 0], expected)
+
+
 # --------------------------------------------------------------------------- accounting
 def test_flops_per_token_hand_computed():
     config = ModelConfig.from_preset("gpt2-124m")

@@ -98,8 +98,14 @@ def test_broken_directories_name_the_problem(tmp_path, how):
         load_model(tmp_path / "m")
 
 
-def test_saving_over_an_existing_directory_replaces_it(tmp_path):
+def test_saving_over_an_existing_directory_needs_overwrite_and_keeps_other_files(tmp_path):
     save_model(tmp_path / "m", tiny_model(), byte_tokenizer(), extra={"v": 1})
-    save_model(tmp_path / "m", tiny_model(), byte_tokenizer(), extra={"v": 2})
+    (tmp_path / "m" / "notes.txt").write_text("mine")
+    with pytest.raises(ScratchLMError, match="not empty.*--overwrite"):
+        save_model(tmp_path / "m", tiny_model(), byte_tokenizer(), extra={"v": 2})
+    assert load_config(tmp_path / "m")[1] == {"v": 1}
+    save_model(tmp_path / "m", tiny_model(), byte_tokenizer(), extra={"v": 2}, overwrite=True)
     assert load_config(tmp_path / "m")[1] == {"v": 2}
+    assert (tmp_path / "m" / "notes.txt").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temporaries left behind
+    assert not [p for p in (tmp_path / "m").iterdir() if p.name.startswith(".")]

@@ -8,13 +8,14 @@ import signal
 import subprocess
 import sys
 import sysconfig
-import time
 from pathlib import Path
 
 import pytest
 
 from scratchlm.errors import ScratchLMError
-from scratchlm.pipeline import STAGES, RunSettings, run_pipeline
+from scratchlm.pipeline import STAGES, RunSettings, _Run, run_pipeline
+from tests.conftest import REPO_ROOT
+from tests.stop_at import wait_until_stopped
 
 # A corpus of real Python files small enough for a test: the stdlib's own modules.
 _STDLIB_MODULES = ("argparse.py", "ast.py", "calendar.py", "csv.py", "dataclasses.py", "difflib.py",
@@ -42,12 +43,15 @@ def _settings(corpus: Path, out: Path, **overrides) -> RunSettings:
     return RunSettings(**values)
 
 
-def _run_cli(corpus: Path, out: Path, **popen) -> subprocess.Popen:
-    args = [sys.executable, "-m", "scratchlm", "run", "--corpus", str(corpus), "-o", str(out),
+def _run_cli(corpus: Path, out: Path, stop_at: str | None = None, **popen) -> subprocess.Popen:
+    launcher = ["-m", "tests.stop_at", stop_at, "--"] if stop_at else ["-m", "scratchlm"]
+    args = [sys.executable, *launcher, "run", "--corpus", str(corpus), "-o", str(out),
             "--minutes", "0.5", "--vocab-size", "512", "--context-length", "64",
             "--micro-batch-size", "8", "--global-batch-tokens", "1024"]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, **popen)
+    env = dict(os.environ, PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join([str(REPO_ROOT / "src"), str(REPO_ROOT)]))
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            cwd=REPO_ROOT, **popen)
 
 
 @pytest.mark.slow
@@ -102,10 +106,62 @@ def test_other_settings_in_an_existing_run_directory_are_refused(corpus, tmp_pat
     out = tmp_path / "run"
     out.mkdir()
     state = {"settings": {**vars(_settings(corpus, out)), "preset": "small", "corpus": [str(corpus)]},
-             "stages": {}}
+             "stages": {"tokenizer": {"done": True}}}
     (out / "run.json").write_text(json.dumps(state))
-    with pytest.raises(ScratchLMError, match="preset"):
+    with pytest.raises(ScratchLMError, match="preset.*--overwrite"):
         run_pipeline(_settings(corpus, out), progress=lambda message: None)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(preset="nosuch"), "unknown preset 'nosuch'"),
+    (dict(lr=-1.0), "--lr: must be > 0"),
+    (dict(vocab_size=10), "--vocab-size: must be at least 257"),
+    (dict(minutes=0.0), "--minutes: must be > 0"),
+    (dict(global_batch_tokens=1000), "--global-batch-tokens: 1000 is not a multiple"),
+    (dict(context_length=0), "--context-length: must be at least 1"),
+    (dict(device="cuda"), "cuda requested"),
+    (dict(val_corpus=("/nonexistent/val.txt",)), "input not found: /nonexistent/val.txt"),
+])
+def test_every_setting_is_checked_before_anything_is_written(corpus, tmp_path, overrides, message):
+    if overrides.get("device") == "cuda":
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("this machine has CUDA")
+    out = tmp_path / "run"
+    with pytest.raises(ScratchLMError, match=message):
+        run_pipeline(_settings(corpus, out, **overrides), progress=lambda message: None)
+    assert not out.exists()
+
+
+def test_a_mistyped_command_line_is_one_line_and_writes_nothing(tmp_path):
+    out = tmp_path / "run"
+    for args, code, message in ((["--lr", "-1"], 1, "--lr: must be > 0"),
+                                (["--vocab-size", "10"], 1, "--vocab-size"),
+                                (["--preset", "nosuch"], 2, "invalid choice: 'nosuch'")):
+        result = subprocess.run([sys.executable, "-m", "scratchlm", "run", "-o", str(out), *args],
+                                capture_output=True, text=True)
+        assert result.returncode == code and message in result.stderr
+        assert len([line for line in result.stderr.splitlines() if "error" in line]) == 1
+        assert not out.exists()
+
+
+def test_a_directory_where_no_stage_finished_is_not_protected(corpus, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    out.mkdir()
+    state = {"settings": {**vars(_settings(corpus, out)), "preset": "small"}, "stages": {"tokenizer": {}}}
+    (out / "run.json").write_text(json.dumps(state))
+    run = _Run(_settings(corpus, out), progress=lambda message: None)
+    assert run.state["settings"]["preset"] == "tiny" and run.state["stages"] == {}
+
+
+def test_a_directory_holding_other_files_needs_overwrite(corpus, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ScratchLMError, match="holds no run.*--overwrite"):
+        run_pipeline(_settings(corpus, out), progress=lambda message: None)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
 
 
 def test_missing_corpus_is_a_one_line_error(tmp_path):
@@ -117,16 +173,14 @@ def test_missing_corpus_is_a_one_line_error(tmp_path):
 
 
 def _interrupt_during_training(corpus: Path, out: Path, sig: int) -> None:
-    """Start the CLI, wait until training has written a checkpoint, then send `sig`."""
-    proc = _run_cli(corpus, out, start_new_session=True)
-    deadline = time.monotonic() + 240
+    """Start the CLI, which stops itself once training has written its first checkpoint
+    (tests.stop_at), then send `sig` there: the interrupt lands at the same point every time."""
+    proc = _run_cli(corpus, out, stop_at="after-checkpoint", start_new_session=True)
     try:
-        while not list((out / "train" / "checkpoints").glob("step_*")):
-            assert proc.poll() is None, f"run ended before training checkpointed:\n{proc.stdout.read()}"
-            assert time.monotonic() < deadline, "no checkpoint within 240 s"
-            time.sleep(0.2)
+        wait_until_stopped(proc)
         os.killpg(proc.pid, sig)
-        proc.wait(timeout=120)
+        os.killpg(proc.pid, signal.SIGCONT)  # a stopped process acts on SIGINT once it runs
+        proc.communicate()
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -192,3 +246,38 @@ def test_named_corpus_is_downloaded_and_its_validation_file_held_out(tmp_path, m
     assert roles == {train_file: "train", val_file: "val"}
     assert (out / "downloads" / "tinystories" / train_file).exists()
     assert report["val_bpb"] is not None
+
+
+@pytest.mark.slow
+def test_more_minutes_continue_training_and_overwrite_starts_over(corpus, tmp_path):
+    out = tmp_path / "run"
+    messages: list[str] = []
+    run_pipeline(_settings(corpus, out, minutes=0.03), progress=messages.append)
+    first = json.loads((out / "run.json").read_text())["stages"]
+    assert first["train"]["minutes"] == 0.03
+
+    # A larger budget: training continues from its checkpoint, eval and samples are redone.
+    messages.clear()
+    run_pipeline(_settings(corpus, out, minutes=0.06), progress=messages.append)
+    assert any("budget raised from 0.03 to 0.06 min" in m for m in messages)
+    assert "== tokenizer: done already, skipped" in messages and "== eval" in messages
+    second = json.loads((out / "run.json").read_text())["stages"]
+    assert second["train"]["minutes"] == 0.06 and second["train"]["steps"] > first["train"]["steps"]
+    assert second["train"]["elapsed_s"] >= 0.06 * 60
+    assert "trained 0.1 min" in (out / "report.md").read_text()
+
+    # A smaller one cannot untrain: said, and the report keeps the truth.
+    messages.clear()
+    run_pipeline(_settings(corpus, out, minutes=0.03), progress=messages.append)
+    assert any("cannot shorten a finished run" in m for m in messages)
+    assert json.loads((out / "run.json").read_text())["stages"]["train"]["steps"] == second["train"]["steps"]
+    assert "trained 0.1 min" in (out / "report.md").read_text()
+
+    # Other settings need --overwrite, which starts over and keeps files that are not the run's.
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ScratchLMError, match="other settings: seed"):
+        run_pipeline(_settings(corpus, out, minutes=0.03, seed=7), progress=messages.append)
+    run_pipeline(_settings(corpus, out, minutes=0.03, seed=7), progress=messages.append, overwrite=True)
+    state = json.loads((out / "run.json").read_text())
+    assert state["settings"]["seed"] == 7 and state["stages"]["train"]["steps"] < second["train"]["steps"]
+    assert (out / "notes.txt").read_text() == "mine"

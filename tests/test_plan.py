@@ -9,8 +9,8 @@ import pytest
 from scratchlm.cli import main
 from scratchlm.errors import ScratchLMError
 from scratchlm.model import count_params, plan
-from scratchlm.model.plan import fitted_loss, fitted_optimum
-from scratchlm.model.report import parse_quantity
+from scratchlm.model.plan import SHAPE_TOLERANCE, fitted_loss, fitted_optimum
+from scratchlm.model.report import parse_quantity, plan_table, significant
 
 CHINCHILLA_FLOPS = 6 * 70e9 * 1.4e12  # = 5.88e23: Chinchilla's own 70B params x 1.4T tokens
 
@@ -91,3 +91,67 @@ def test_cli_prints_the_table(capsys):
     assert "FSDP x64" in out
     assert main(["plan", "--params", "big"]) == 1
     assert "scratchlm: error: --params: cannot read 'big'" in capsys.readouterr().err
+
+
+def test_a_size_below_the_embedding_alone_is_rejected(capsys):
+    # 1M parameters with GPT-2's vocabulary: the smallest shape (1 layer, d_model 64) already has
+    # 50,257 x 64 = 3.2M embedding parameters (tied), 3.27M in all.
+    message = ("no model shape near 1M parameters with a 50,257-token vocabulary: the smallest "
+               "(1 layer, d_model 64) has 3.27M, mostly embedding; lower --vocab-size")
+    with pytest.raises(ScratchLMError) as excinfo:
+        plan(params=1e6)
+    assert str(excinfo.value) == message
+    assert main(["plan", "--params", "1M"]) == 1
+    assert capsys.readouterr().err == f"scratchlm: error: {message}\n"
+    # With a smaller vocabulary the same size is reachable, and the shape is about that size.
+    p = plan(params=1e6, vocab_size=4096)
+    assert count_params(p.model_shape).total == pytest.approx(1e6, rel=SHAPE_TOLERANCE)
+
+
+def test_a_size_beyond_the_largest_shape_is_rejected():
+    with pytest.raises(ScratchLMError, match=r"near 100T parameters .* the closest \(256 layers, d_model 16384\)"):
+        plan(params=100e12)
+
+
+@pytest.mark.parametrize("n_params, vocab_size", [(4.6e6, 50257), (5e6, 50257), (3e6, 32000),
+                                                   (300e3, 2048), (200e3, 256)])
+def test_small_sizes_between_the_preferred_shapes_get_a_near_shape(n_params, vocab_size):
+    # The d_model = 64 * n_layers line jumps 3.27M -> 6.86M at 50,257 tokens and 70K -> 459K at
+    # 256 tokens; these sizes fall in such gaps and are met by the finer fallback grid.
+    shape = plan(params=n_params, vocab_size=vocab_size).model_shape
+    assert count_params(shape).total == pytest.approx(n_params, rel=SHAPE_TOLERANCE)
+    assert 16 <= shape.d_model / shape.n_layers <= 256
+
+
+def test_tiny_budgets_show_significant_figures(capsys):
+    # 5M params x 100M tokens: C = 3e15 FLOPs; on 8 H100s at 40% MFU that is
+    # 3e15 / (8 x 989.4e12 x 0.4) = 0.948 s, i.e. 0.948 x 8 / 3600 = 0.00211 GPU-hours.
+    table = plan_table(plan(params=5e6, gpus=8))
+    assert "0.948 seconds on 8 x H100 at 40% MFU (0.00211 GPU-hours)" in table
+    assert main(["plan", "--params", "5M"]) == 0
+    assert "(0.00211 GPU-hours)" in capsys.readouterr().out
+    assert [significant(x) for x in (0.0, 0.002106, 2.5, 99.94, 267.4, 1234.0, 412_919.7)] == [
+        "0", "0.00211", "2.5", "99.9", "267", "1,230", "413,000"]
+
+
+@pytest.mark.parametrize("argv", [["--gpu-hours", "-5"], ["--gpu-hours=-5"]])
+def test_negative_budgets_name_the_option(argv, capsys):
+    assert parse_quantity("-5", "--gpu-hours") == -5.0
+    assert parse_quantity("+1.5K", "--flops") == 1500.0
+    with pytest.raises(ScratchLMError, match=r"^--gpu-hours must be > 0, got -5$"):
+        plan(gpu_hours=-5.0)
+    assert main(["plan", *argv]) == 1
+    assert capsys.readouterr().err == "scratchlm: error: --gpu-hours must be > 0, got -5\n"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--params", "0"], "--params must be > 0, got 0"),
+    # "=": argparse takes "-1e20" after a space for an option (only plain "-5" reads as a number).
+    (["--flops=-1e20"], "--flops must be > 0, got -1e+20"),
+    (["--params", "124M", "--micro-batch", "0"], "--micro-batch must be >= 1, got 0"),
+    (["--params", "124M", "--gpus", "0"], "--gpus must be >= 1, got 0"),
+    (["--params", "124M", "--mfu", "1.5"], "--mfu must be in (0, 1], got 1.5"),
+])
+def test_out_of_range_options_are_named(argv, message, capsys):
+    assert main(["plan", *argv]) == 1
+    assert capsys.readouterr().err == f"scratchlm: error: {message}\n"

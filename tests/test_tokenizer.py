@@ -13,7 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from scratchlm.errors import ScratchLMError
-from scratchlm.tokenizer import TOKENIZER_FILES, Tokenizer, pretokenize, train_bpe
+from scratchlm.sources import SourceStats, iter_documents_from, split_text
+from scratchlm.tokenizer import TOKENIZER_FILES, Tokenizer, train_bpe
 from scratchlm.tokenizer.pretokenize import PATTERNS, count_pretokens
 from scratchlm.tokenizer.train import bpe_merges
 from tests.conftest import shared_file
@@ -72,7 +73,7 @@ def small_tokenizer(tmp_path_factory) -> Tokenizer:
 # --------------------------------------------------------------------------- training
 def test_merges_match_naive_reference_on_real_text():
     corpus = shared_file("corpora/tinystories_train_head.txt")
-    counts = count_pretokens([corpus], [EOT], workers=1)
+    counts = count_pretokens(split_text(corpus.read_text(encoding="utf-8"), "blank", 1000), workers=1)
     token_bytes, merges = bpe_merges(counts, 150)
     assert [(token_bytes[a], token_bytes[b]) for a, b in merges] == naive_bpe(counts, 150)
 
@@ -95,64 +96,64 @@ def test_tie_break_prefers_greatest_byte_pair():
     assert merges == [(ord("b"), ord("a"))]
 
 
-def test_train_bpe_vocab_layout(sample_file):
-    vocab, merges = train_bpe(sample_file, 300, [EOT, "<|pad|>"])
+def test_train_bpe_vocab_layout():
+    vocab, merges = train_bpe([SAMPLE], 300, [EOT, "<|pad|>"])
     assert len(vocab) == 300
     assert all(vocab[b] == bytes([b]) for b in range(256))
     assert vocab[298] == EOT.encode() and vocab[299] == b"<|pad|>"
     assert [vocab[256 + i] for i in range(len(merges))] == [l + r for l, r in merges]
 
 
-def test_special_tokens_are_never_merged_across(sample_file):
-    vocab, _ = train_bpe(sample_file, 600, [EOT])
+def test_documents_are_never_merged_across(sample_file):
+    # The sample file's <|endoftext|> separators are its document boundaries (the file format):
+    # they are removed by the reader and never learned.
+    vocab, _ = train_bpe(split_text(SAMPLE, "eot", 1), 600, [EOT])
     assert vocab[len(vocab) - 1] == EOT.encode()
     regular = [vocab[i] for i in range(len(vocab) - 1)]
-    # Were the special token pre-tokenized like text, its 20 copies would yield "<|" and "|>".
+    # Were the separator pre-tokenized like text, its 20 copies would yield "<|" and "|>".
     assert not any(b"<|" in t or b"|>" in t for t in regular)
+    assert Tokenizer.train(sample_file, 600, [EOT]).vocab == vocab
 
 
-def single_pass_counts(text: str, pattern: str) -> Counter:
+def test_special_token_text_inside_a_document_is_ordinary_text():
+    # A document that spells a special token (a web page quoting <|endoftext|>) is text: the
+    # trainer counts its characters like any others.
+    docs = [f"see the token {EOT} here"] * 30
+    vocab, merges = train_bpe(docs, 300, [EOT])
+    assert any(b"<|" in left + right or b"|>" in left + right for left, right in merges)
+
+
+def single_pass_counts(texts: list[str], pattern: str) -> Counter:
     counts: Counter = Counter()
-    for piece in text.split(EOT):
-        counts.update(w.encode("utf-8", "surrogateescape") for w in regex.findall(PATTERNS[pattern], piece))
+    for text in texts:
+        counts.update(w.encode("utf-8") for w in regex.findall(PATTERNS[pattern], text))
     return counts
 
 
 @pytest.mark.parametrize("pattern", ["gpt2", "gpt4"])
-def test_parallel_chunked_counting_equals_single_pass(tmp_path, pattern):
-    text = (shared_file("corpora/tinyshakespeare.txt").read_text(encoding="utf-8")[:100_000]
-            + EOT + "CRLF lines\r\nhere.\r\n\r\nNext paragraph  \n\n  \nend.\n"
-            + shared_file("corpora/tinystories_valid_head.txt").read_text(encoding="utf-8")[:100_000])
-    path = tmp_path / "c.txt"
-    path.write_bytes(text.encode("utf-8"))
-    parallel = count_pretokens([path], [EOT], pattern, workers=2, chunk_bytes=4096)
-    assert parallel == single_pass_counts(text, pattern)
+def test_parallel_batched_counting_equals_single_pass(pattern):
+    docs = (split_text(shared_file("corpora/tinyshakespeare.txt").read_text(encoding="utf-8"), "blank", 1000)
+            + ["CRLF lines\r\nhere.\r\n\r\nNext paragraph  \n\n  \nend.\n"]
+            + split_text(shared_file("corpora/tinystories_valid_head.txt").read_text(encoding="utf-8"), "blank", 1000))
+    parallel = count_pretokens(docs, pattern, workers=2, batch_chars=16_384)  # ~120 batches
+    assert parallel == single_pass_counts(docs, pattern)
 
 
-@settings(max_examples=60, deadline=None)
-@given(st.text(alphabet=st.sampled_from("ab1 \n\r.'s\t"), max_size=80), st.sampled_from(["gpt2", "gpt4"]))
-def test_chunk_edges_never_change_pretokens(tmp_path_factory, text, pattern):
-    path = tmp_path_factory.mktemp("edges") / "c.txt"
-    path.write_bytes(text.encode())
-    assert count_pretokens([path], [EOT], pattern, workers=1, chunk_bytes=3) == single_pass_counts(text, pattern)
-
-
-def test_training_is_deterministic_across_worker_counts(tmp_path, monkeypatch):
-    path = tmp_path / "c.txt"
-    path.write_text(shared_file("corpora/tinystories_train_head.txt").read_text(encoding="utf-8"))
-    monkeypatch.setattr(pretokenize, "DEFAULT_CHUNK_BYTES", 16384)  # ~12 chunks for 2 processes
-    one = train_bpe(path, 500, [EOT], workers=1)
-    two = train_bpe(path, 500, [EOT], workers=2)
+def test_training_is_deterministic_across_worker_counts():
+    docs = split_text(shared_file("corpora/tinystories_train_head.txt").read_text(encoding="utf-8"), "blank", 500)
+    one = train_bpe(docs, 500, [EOT], workers=1)
+    two = train_bpe(iter(docs), 500, [EOT], workers=2)
     assert one == two
 
 
-def test_non_utf8_corpus_is_handled_bytewise(tmp_path):
-    path = tmp_path / "bad.bin"
-    path.write_bytes(b"caf\xe9 \xff\xfe\xff\xfe\xff\xfe ok ok ok\n" * 50)
-    vocab, merges = train_bpe(path, 280, [])
-    assert (b"\xff", b"\xfe") in merges and (b"\xff\xfe", b"\xff\xfe") in merges
-    tok = Tokenizer(vocab, merges)
-    assert tok.decode_bytes(tok.encode("caf\u00e9 ok")) == "caf\u00e9 ok".encode()
+def test_invalid_utf8_becomes_replacement_characters_and_is_counted(tmp_path):
+    path = tmp_path / "bad.txt"
+    path.write_bytes(b"caf\xe9 au lait ok ok ok\n" * 50)
+    stats = SourceStats(input=str(path))
+    texts = [d.text for d in iter_documents_from(str(path), stats=stats)]
+    assert texts[0] == "caf\ufffd au lait ok ok ok" and stats.invalid_utf8_bytes == 50
+    _, merges = train_bpe(texts, 280, [])
+    assert any(b"\xef\xbf" in left + right for left, right in merges)  # U+FFFD is EF BF BD
 
 
 def test_gpt4_pattern_trains_and_round_trips(sample_file):
@@ -168,21 +169,32 @@ def test_fast_and_reference_encoders_agree(small_tokenizer):
     assert small_tokenizer.encode(SAMPLE) == small_tokenizer.encode_reference(SAMPLE)
 
 
-def test_special_tokens_in_text(small_tokenizer):
-    ids = small_tokenizer.encode(f"a{EOT}b")
+def test_special_tokens_in_text_are_ordinary_unless_allowed(small_tokenizer):
+    # By default the string of a special token is text: data cannot forge a boundary.
+    ordinary = small_tokenizer.encode(f"a{EOT}b")
+    assert small_tokenizer.eot_id not in ordinary and len(ordinary) > 3
+    assert ordinary == small_tokenizer.encode_ordinary(f"a{EOT}b") == small_tokenizer.encode_reference(f"a{EOT}b")
+    assert small_tokenizer.decode(ordinary) == f"a{EOT}b"
+    ids = small_tokenizer.encode(f"a{EOT}b", allowed_special="all")
     assert ids.count(small_tokenizer.eot_id) == 1
+    assert ids == small_tokenizer.encode(f"a{EOT}b", allowed_special={EOT})
+    assert ids == small_tokenizer.encode_reference(f"a{EOT}b", allowed_special="all")
     assert small_tokenizer.decode(ids) == f"a{EOT}b"
+    with pytest.raises(ScratchLMError, match="not a special token"):
+        small_tokenizer.encode("x", allowed_special={"<|nope|>"})
     plain = Tokenizer(small_tokenizer.vocab, small_tokenizer.merges)  # no special tokens registered
     assert small_tokenizer.eot_id not in plain.encode(f"a{EOT}b")
+    with pytest.raises(ScratchLMError, match="not a special token"):
+        plain.encode(f"a{EOT}b", allowed_special={EOT})
     assert plain.decode(plain.encode(f"a{EOT}b")) == f"a{EOT}b"
 
 
 def test_overlapping_special_tokens_longest_first(small_tokenizer):
     double = EOT + EOT
     tok = Tokenizer(small_tokenizer.vocab, small_tokenizer.merges, [EOT, double])
-    ids = tok.encode(f"x{double}{EOT}y")
+    ids = tok.encode(f"x{double}{EOT}y", allowed_special="all")
     assert ids[1:3] == [tok.special_tokens[double], tok.special_tokens[EOT]]
-    assert tok.encode_reference(f"x{double}{EOT}y") == ids
+    assert tok.encode_reference(f"x{double}{EOT}y", allowed_special="all") == ids
 
 
 def test_decode_invalid_utf8_uses_replacement_character(small_tokenizer):
@@ -273,22 +285,39 @@ def test_load_missing_and_corrupt(small_tokenizer, tmp_path):
         Tokenizer.load(tmp_path)
 
 
+def test_truncated_or_edited_files_fail_the_fingerprint(small_tokenizer, tmp_path):
+    small_tokenizer.save(tmp_path)
+    merges = tmp_path / "merges.txt"
+    lines = merges.read_text(encoding="utf-8").splitlines(keepends=True)
+    # Cut at a line boundary: every remaining line parses, the tokenizer would encode differently.
+    merges.write_text("".join(lines[:-40]), encoding="utf-8")
+    with pytest.raises(ScratchLMError, match="corrupt tokenizer.*truncated"):
+        Tokenizer.load(tmp_path)
+    # Same number of merges, two swapped: only the fingerprint can tell.
+    lines[10], lines[11] = lines[11], lines[10]
+    merges.write_text("".join(lines), encoding="utf-8")
+    with pytest.raises(ScratchLMError, match="fingerprint"):
+        Tokenizer.load(tmp_path)
+
+
 # --------------------------------------------------------------------------- bad input
 def test_bad_training_input(tmp_path, sample_file):
     with pytest.raises(ScratchLMError, match="not found"):
-        train_bpe(tmp_path / "missing.txt", 300, [EOT])
+        Tokenizer.train(tmp_path / "missing.txt", 300, [EOT])
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    with pytest.raises(ScratchLMError, match="empty"):
-        train_bpe(empty, 300, [EOT])
-    with pytest.raises(ScratchLMError, match="below 256 bytes \\+ 2 special tokens = 258"):
-        train_bpe(sample_file, 257, [EOT, "<|pad|>"])
-    only_special = tmp_path / "special.txt"
-    only_special.write_text(EOT * 3)
     with pytest.raises(ScratchLMError, match="no text"):
-        train_bpe(only_special, 300, [EOT])
+        Tokenizer.train(empty, 300, [EOT])
+    with pytest.raises(ScratchLMError, match="below 256 bytes \\+ 2 special tokens = 258"):
+        train_bpe([SAMPLE], 257, [EOT, "<|pad|>"])
+    only_separators = tmp_path / "special.txt"
+    only_separators.write_text(EOT * 3)
+    with pytest.raises(ScratchLMError, match="no text"):
+        Tokenizer.train(only_separators, 300, [EOT])
     with pytest.raises(ScratchLMError, match="pattern"):
-        train_bpe(sample_file, 300, [EOT], pattern="gpt7", holdout_bytes=100)
+        train_bpe([SAMPLE], 300, [EOT], pattern="gpt7")
+    with pytest.raises(ScratchLMError, match="iterable of documents"):
+        train_bpe(SAMPLE, 300, [EOT])
 
 
 def test_inconsistent_vocab_is_rejected():

@@ -109,7 +109,8 @@ def test_gradient_accumulation_equals_one_big_batch(train_corpus):  # noqa: F811
                     [(x[i:i + 2], y[i:i + 2]) for i in range(0, 8, 2)]):
         torch.manual_seed(0)
         model = Transformer(cfg)
-        losses.append(accumulate_gradients(model, batches, contextlib.nullcontext, scaler))
+        losses.append(accumulate_gradients(model, batches, contextlib.nullcontext, scaler,
+                                           torch.device("cpu")))
         grads.append([p.grad.clone() for p in model.parameters()])
     for other, other_loss in zip(grads[1:], losses[1:]):
         torch.testing.assert_close(other_loss, losses[0], atol=1e-6, rtol=0)
@@ -123,8 +124,8 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(train_corpus, tmp_path,
     forward = Transformer.forward
     calls = {"n": 0}
 
-    def poisoned(self, idx, targets=None, kv_cache=None):
-        out = forward(self, idx, targets, kv_cache)
+    def poisoned(self, idx, targets=None, kv_cache=None, segment_ids=None):
+        out = forward(self, idx, targets, kv_cache, segment_ids)
         if targets is not None and torch.is_grad_enabled():
             calls["n"] += 1
             step = (calls["n"] - 1) // 2  # two micro-batches per step
@@ -177,23 +178,114 @@ def test_resume_with_another_model_config_lists_the_differences(train_corpus, tm
     ({"run": {"global_batch_tokens": 500}}, "global_batch_tokens: 500 is not a multiple of "
                                             "micro_batch_size x context_length"),
     ({"model": {"context_length": 65536}, "run": {"global_batch_tokens": 8 * 65536}},
-     "train split of .* not one window of 65537 tokens"),
+     "train split of .* less than one context of 65536"),
 ])
 def test_bad_setups_are_named(train_corpus, tmp_path, change, expected):  # noqa: F811
     with pytest.raises(ScratchLMError, match=expected):
         train(_config(train_corpus, **change), tmp_path)
 
 
-def test_wall_clock_budget_stops_and_decays(train_corpus, tmp_path):  # noqa: F811
-    config = _config(train_corpus, run={"max_steps": None, "max_minutes": 0.02, "log_every": 1,
-                                        "eval_every": 0, "sample_tokens": 0,
-                                        "checkpoint_every": 0})
-    summary = train(config, tmp_path)
-    assert summary["elapsed_s"] >= 0.02 * 60 and summary["steps"] > 3
-    lrs = [json.loads(line)["lr"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
-           if json.loads(line)["kind"] == "train"]
+class StepClock:
+    """A clock that moves only when a training step runs, by `seconds_per_step`, so a time
+    budget stops after an exact number of steps however fast or loaded the machine is."""
+
+    def __init__(self, seconds_per_step: float):
+        self.now, self.seconds_per_step = 0.0, seconds_per_step
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture()
+def step_clock(monkeypatch):
+    clock = StepClock(seconds_per_step=1.0)
+    original = Trainer.train_step
+
+    def train_step(self):
+        clock.now += clock.seconds_per_step
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    return clock
+
+
+def _train_lrs(out) -> list[float]:
+    return [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()
+            if json.loads(line)["kind"] == "train"]
+
+
+TIME_BUDGET = {"max_steps": None, "max_minutes": 0.1, "log_every": 1, "eval_every": 0,
+               "sample_tokens": 0, "checkpoint_every": 0}
+
+
+def test_wall_clock_budget_stops_and_decays(train_corpus, tmp_path, step_clock):  # noqa: F811
+    summary = train(_config(train_corpus, run=TIME_BUDGET), tmp_path, clock=step_clock)
+    assert summary["steps"] == 6 and summary["elapsed_s"] == 6.0  # 6 s of budget, 1 s per step
+    lrs = _train_lrs(tmp_path)
     assert lrs[2] == pytest.approx(3e-3)  # end of the 3-step warmup: the peak
-    assert lrs[-1] < lrs[3]  # decaying towards min_lr as the time runs out
+    assert lrs[3] > lrs[4] > lrs[5] >= 3e-4  # decaying towards min_lr as the time runs out
+
+
+def test_a_larger_budget_continues_with_a_replanned_schedule(train_corpus, tmp_path, step_clock):  # noqa: F811
+    train(_config(train_corpus, run=TIME_BUDGET), tmp_path, clock=step_clock)
+    first = _train_lrs(tmp_path)
+    step_clock.now = 0.0  # a new process: its clock starts anew, the run's time is in the checkpoint
+    summary = train(_config(train_corpus, run={**TIME_BUDGET, "max_minutes": 0.2}), tmp_path,
+                    resume=True, clock=step_clock)
+    assert summary["steps"] == 12 and summary["elapsed_s"] == 12.0
+    lrs = _train_lrs(tmp_path)
+    assert lrs[:6] == first
+    # Half of the new budget is used. The new schedule is cosine over the new budget, its warmup
+    # end rescaled from progress 0.5 of 6 s to 0.25 of 12 s; the rate climbs from where the
+    # first run stopped (no jump) and meets the new schedule after the 3 warmup steps, then
+    # decays towards min_lr at the new end.
+    def new_schedule(step: int) -> float:
+        t = (step / 12 - 0.25) / 0.75
+        return 3e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+
+    assert first[-1] < lrs[6] < lrs[7]
+    assert lrs[6] == pytest.approx(first[-1] + (new_schedule(6) - first[-1]) / 3)
+    assert lrs[8:] == pytest.approx([new_schedule(step) for step in range(8, 12)])
+    assert lrs[8] > lrs[9] > lrs[10] > lrs[11] >= 3e-4
+
+
+def test_validation_on_the_whole_split_equals_scratchlm_eval(train_corpus, tmp_path):  # noqa: F811
+    """One bits-per-byte: the trainer's validation pass over the whole val split (packed rows,
+    document masking) gives scratchlm.eval's per-document figure on the same documents."""
+    from scratchlm.data import iter_documents
+    from scratchlm.eval import evaluate_bits_per_byte
+    from scratchlm.model import load_model
+
+    summary = train(_config(train_corpus, run={"max_steps": 4, "eval_every": 0, "eval_batches": 0,
+                                                "sample_tokens": 0}), tmp_path)
+    model, tokenizer = load_model(tmp_path / "final")
+    documents = list(iter_documents(train_corpus["data"], "val"))
+    assert any(len(d) > 32 for d in documents)  # some documents span several windows
+    reference = evaluate_bits_per_byte(model, tokenizer, documents, context_length=32, batch_size=5)
+    assert summary["val_bpb"] == pytest.approx(reference.bits_per_byte, rel=1e-5)
+
+
+def test_document_packing_with_document_masks_trains(train_corpus, tmp_path):  # noqa: F811
+    summary = train(_config(train_corpus, data={"packing": "document", "document_mask": True},
+                            run={"eval_batches": 0}), tmp_path)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if r["kind"] == "train"]
+    assert losses[-1] < losses[0] - 0.5 and math.isfinite(summary["val_bpb"])
+
+
+def test_a_directory_holding_other_files_needs_overwrite(train_corpus, tmp_path):  # noqa: F811
+    (tmp_path / "notes.txt").write_text("mine")
+    config = _config(train_corpus, run={"max_steps": 2, "eval_every": 0, "sample_tokens": 0})
+    with pytest.raises(ScratchLMError, match="not a training run.*--overwrite"):
+        train(config, tmp_path)
+    train(config, tmp_path, overwrite=True)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    # --overwrite without --resume starts over: the earlier run's checkpoints are replaced.
+    summary = train(_config(train_corpus, run={"max_steps": 1, "eval_every": 0, "sample_tokens": 0}),
+                    tmp_path, overwrite=True)
+    assert summary["steps"] == 1
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "checkpoints")] == ["step_0000001"]
+    assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
 def test_rng_states_round_trip():
@@ -216,8 +308,10 @@ def test_pruning_keeps_the_last_k_and_the_best(tmp_path):
 
 
 def test_activation_checkpointing_gives_the_same_gradients():
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
     from scratchlm.model import ModelConfig, Transformer
-    from scratchlm.train.loop import enable_activation_checkpointing
+    from scratchlm.train.distributed import DistContext, parallelize
 
     cfg = ModelConfig.from_preset("tiny", vocab_size=64, context_length=16, d_model=32,
                                   n_layers=2, n_heads=4, n_kv_heads=2)
@@ -227,7 +321,11 @@ def test_activation_checkpointing_gives_the_same_gradients():
         torch.manual_seed(0)
         model = Transformer(cfg)
         if checkpointed:
-            enable_activation_checkpointing(model)
+            names = list(model.state_dict())
+            single = DistContext(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+            assert parallelize(model, single, activation_checkpointing=True) is model
+            assert all(isinstance(block, CheckpointWrapper) for block in model.blocks)
+            assert list(model.state_dict()) == names  # checkpoints and model dirs are unchanged
         model(x[:, :-1], x[:, 1:]).backward()
         grads.append([p.grad for p in model.parameters()])
         # Generation (KV cache, no grad) still works through the wrapped blocks.

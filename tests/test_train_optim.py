@@ -76,6 +76,53 @@ def test_newton_schulz_orthogonalizes_like_svd():
     assert singular.min() > 0.6 and singular.max() < 1.2
 
 
+def _tiny_untied() -> Transformer:
+    torch.manual_seed(0)
+    # Untied head: a decayed matrix outside the blocks, so Muon leaves it to AdamW.
+    return Transformer(ModelConfig.from_preset("tiny", **TINY, tie_embeddings=False))
+
+
+def test_muon_weight_decay_is_the_adamw_groups_decay():
+    """Zero gradients make the Muon update exactly 0 (momentum 0, and the orthogonalisation of
+    a zero matrix is 0), so one step is pure decoupled decay: every Muon matrix shrinks by
+    1 - lr*wd, the same factor as the AdamW-handled head. (Muon's own lr 0.02 decayed by 2e-3.)"""
+    assert torch.equal(newton_schulz_orthogonalize(torch.zeros(48, 24)), torch.zeros(48, 24))
+    lr, wd = 1e-3, 0.1
+    model = _tiny_untied()
+    opt = build_optimizer(model, OptimizerSection(name="muon", lr=lr, weight_decay=wd), "cpu")
+    muon = {id(p) for g in opt.param_groups if g["use_muon"] for p in g["params"]}
+    matrices = {n: p for n, p in model.named_parameters() if p.dim() == 2 and "emb" not in n}
+    assert id(matrices["lm_head.weight"]) not in muon and len(muon) == len(matrices) - 1
+    before = {n: p.detach().clone() for n, p in matrices.items()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for n, p in matrices.items():
+        assert torch.equal(p, before[n] * (1 - lr * wd)), n
+
+
+def test_muon_update_rms_matches_adamw_scale():
+    """Moonlight's scaling (arXiv:2502.16982, sec. 2.2): the change of a Muon matrix has
+    per-element RMS 0.2*lr, whatever its shape. Newton-Schulz leaves singular values in about
+    [0.7, 1.2] instead of 1, so the RMS is 0.2*lr*sqrt(mean(s^2)): accept 0.13..0.26 * lr.
+    (The old scaling with Muon's own lr 0.02 gave ~0.0032 = 3.2*lr here.)"""
+    lr = 1e-3
+    model = _tiny_untied()
+    opt = build_optimizer(model, OptimizerSection(name="muon", lr=lr, weight_decay=0.0), "cpu")
+    gen = torch.Generator().manual_seed(0)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=gen)
+    params = dict(model.named_parameters())
+    names = ["blocks.0.attn.out.weight", "blocks.0.attn.qkv.weight",  # 32x32, 64x32
+             "blocks.0.mlp.gate.weight", "blocks.0.mlp.proj.weight"]  # 384x32, 32x384
+    assert len({params[n].shape for n in names}) == 4
+    before = {n: params[n].detach().clone() for n in names}
+    opt.step()
+    for n in names:
+        rms = (params[n] - before[n]).pow(2).mean().sqrt().item()
+        assert 0.13 * lr < rms < 0.26 * lr, (n, rms / lr)
+
+
 @pytest.mark.parametrize("name", ["adamw", "muon", "torch-adamw"])
 def test_tiny_model_overfits_one_batch(name):
     torch.manual_seed(0)

@@ -1,56 +1,42 @@
-"""Exact resume: a `scratchlm train` process SIGKILLed at random moments, several times, and
-resumed each time, ends with weights bit-identical to an uninterrupted run (CPU, 1 thread)."""
+"""Exact resume: a `scratchlm train` process SIGKILLed at three kinds of moment (inside a
+checkpoint being written, inside an optimizer step, right after a checkpoint), resumed each
+time, ends with weights bit-identical to an uninterrupted run (CPU, 1 thread)."""
 
 from __future__ import annotations
 
 import json
 import os
-import random
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 from scratchlm.train import checkpoint as ckpt
 from tests.conftest import REPO_ROOT
+from tests.stop_at import EVENTS, wait_until_stopped
 from tests.test_train_fixtures import tiny_config, train_corpus, write_config  # noqa: F401
 
 pytestmark = pytest.mark.slow
 
 
-def _command(config_path, out):
-    return [sys.executable, "-m", "scratchlm", "train", "--config", str(config_path),
-            "--out", str(out), "--resume"]
+def _train_args(config_path, out):
+    return ["train", "--config", str(config_path), "--out", str(out), "--resume"]
 
 
 def _env():
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT / "src"))
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{REPO_ROOT / 'src'}{os.pathsep}{REPO_ROOT}")
 
 
-def _run_killed_after_new_checkpoint(config_path, out, rng) -> bool:
-    """Start (or resume) training; once a checkpoint newer than the existing ones appears,
-    wait a random moment (landing anywhere inside a later step) and SIGKILL. Returns whether
-    the process was killed (False: it finished first)."""
-    root = out / "checkpoints"
-    seen = {p.name for p in ckpt.list_checkpoints(root)}
-    proc = subprocess.Popen(_command(config_path, out), env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+def _killed_at(event: str, config_path, out) -> None:
+    """Start (or resume) training, wait until it stops itself at `event`, SIGKILL it there."""
+    proc = subprocess.Popen([sys.executable, "-m", "tests.stop_at", event, "--", *_train_args(config_path, out)],
+                            env=_env(), cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        while proc.poll() is None:
-            if {p.name for p in ckpt.list_checkpoints(root)} - seen:
-                time.sleep(rng.uniform(0.0, 0.3))
-                proc.send_signal(signal.SIGKILL)
-                proc.wait()
-                return proc.returncode == -signal.SIGKILL
-            time.sleep(0.01)
-        return False
+        wait_until_stopped(proc)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        proc.kill()
+        proc.wait()
 
 
 def test_sigkill_and_resume_is_bit_identical(train_corpus, tmp_path):  # noqa: F811
@@ -62,15 +48,17 @@ def test_sigkill_and_resume_is_bit_identical(train_corpus, tmp_path):  # noqa: F
     config_path = write_config(tmp_path / "config.yaml", config)
 
     reference = tmp_path / "reference"
-    subprocess.run(_command(config_path, reference), env=_env(), check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run([sys.executable, "-m", "scratchlm", *_train_args(config_path, reference)], env=_env(),
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     interrupted = tmp_path / "interrupted"
-    rng = random.Random(1234)
-    kills = sum(_run_killed_after_new_checkpoint(config_path, interrupted, rng) for _ in range(3))
-    assert kills >= 2, "the run finished before it could be interrupted: make it longer"
-    subprocess.run(_command(config_path, interrupted), env=_env(), check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for event in EVENTS:
+        _killed_at(event, config_path, interrupted)
+    # The checkpoint killed mid-write (step 8, second run) never became one; the third run
+    # resumed from step 4 and wrote step 8 whole.
+    assert [p.name for p in ckpt.list_checkpoints(interrupted / "checkpoints")] == ["step_0000004", "step_0000008"]
+    subprocess.run([sys.executable, "-m", "scratchlm", *_train_args(config_path, interrupted)], env=_env(),
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     from safetensors.torch import load_file
 
@@ -83,3 +71,5 @@ def test_sigkill_and_resume_is_bit_identical(train_corpus, tmp_path):  # noqa: F
              (interrupted / "metrics.jsonl").read_text().splitlines()
              if json.loads(line)["kind"] == "train"]
     assert steps == list(range(1, 41))
+    # No temporary directory of a killed checkpoint is left behind.
+    assert sorted(p.name for p in (interrupted / "checkpoints").iterdir()) == ["step_0000036", "step_0000040"]

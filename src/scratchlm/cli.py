@@ -4,18 +4,63 @@ Thin by design: each subcommand parses its arguments and calls one public functi
 stage it belongs to, so everything here can be done from Python with the same names.
 Stage imports happen inside the handlers so `scratchlm --help` stays fast.
 
-Each pipeline stage owns one `_add_<stage>_commands` function below.
+Each pipeline stage owns one `_add_<stage>_commands` function below. Every option has help
+text, and the help shows its default (`_HelpFormatter`).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import contextlib
+import os
 import sys
 
 from scratchlm import __version__
 from scratchlm.errors import ScratchLMError
+
+DEVICES = ("auto", "cuda", "mps", "cpu")
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" to every option that has a default worth showing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("default" in text or default in (None, False, [], argparse.SUPPRESS)
+                or not action.option_strings):
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else repr(default) \
+            if isinstance(default, str) else str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})"
+
+
+class _EpilogHelpFormatter(argparse.RawDescriptionHelpFormatter, _HelpFormatter):
+    """Keeps the line breaks of a table in the epilog."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """Every (sub)command parser: argparse creates sub-parsers of the parent's class."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def _add_overwrite_option(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help=f"write the {what} into a directory that is not empty (files of the {what} "
+                        f"are replaced, all others kept)")
+
+
+def _add_source_options(p: argparse.ArgumentParser) -> None:
+    """How raw inputs are read: the same options wherever raw text is read (scratchlm.sources)."""
+    from scratchlm.sources import DOC_MODES
+
+    p.add_argument("--text-field", default="text", help="JSON/JSONL/Parquet field holding the text")
+    p.add_argument("--doc-mode", default="auto", choices=DOC_MODES,
+                   help="how plain text files are cut into documents: auto (from the first MB), "
+                        "file, eot (<|endoftext|>-separated), blank (blank-line blocks), line")
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -23,15 +68,22 @@ def _add_tokenizer_commands(sub: argparse._SubParsersAction) -> None:
     tok = sub.add_parser("tokenizer", help="train and use a byte-level BPE tokenizer")
     tsub = tok.add_subparsers(dest="tokenizer_command", required=True)
 
-    p = tsub.add_parser("train", help="train a BPE tokenizer on text files")
-    p.add_argument("--input", nargs="+", required=True, metavar="FILE")
-    p.add_argument("--vocab-size", type=int, required=True)
+    p = tsub.add_parser("train", help="train a BPE tokenizer on text",
+                        description="Train byte-level BPE on documents read as every command reads "
+                                    "them; 1 in 100 documents is held out to measure compression.")
+    p.add_argument("--input", nargs="+", required=True, metavar="SRC",
+                   help="files, directories, globs (.txt/.jsonl/.json/.parquet, .gz/.zst), or 'stdlib'")
+    p.add_argument("--vocab-size", type=int, required=True, help="tokens, including the special tokens")
     p.add_argument("--special-token", action="append", default=None, metavar="T",
-                   help="special token (repeatable); default: <|endoftext|>")
-    p.add_argument("--pattern", choices=["gpt2", "gpt4"], default="gpt2",
-                   help="pre-tokenization regex")
-    p.add_argument("--workers", type=int, default=None, help="pre-tokenization processes")
-    p.add_argument("-o", "--out", required=True, metavar="DIR")
+                   help="special token (repeatable; default: <|endoftext|>)")
+    p.add_argument("--pattern", choices=["gpt2", "gpt4"], default="gpt2", help="pre-tokenization regex")
+    p.add_argument("--max-mb", type=float, default=None,
+                   help="train on a sample of about this many MB, taken round-robin across inputs "
+                        "(default: all of the input)")
+    _add_source_options(p)
+    p.add_argument("--workers", type=int, default=None, help="pre-tokenization processes (default: all CPUs)")
+    p.add_argument("-o", "--out", required=True, metavar="DIR", help="tokenizer directory to write")
+    _add_overwrite_option(p, "tokenizer")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_tokenizer_train)
 
@@ -40,12 +92,15 @@ def _add_tokenizer_commands(sub: argparse._SubParsersAction) -> None:
     source = p.add_mutually_exclusive_group()
     source.add_argument("--input", metavar="FILE", help="text file to encode (default: stdin)")
     source.add_argument("--text", help="text to encode")
+    p.add_argument("--allow-special", action="store_true",
+                   help="encode special-token strings (e.g. <|endoftext|>) in the text as their ids "
+                        "(default: they are ordinary text)")
     p.set_defaults(func=_tokenizer_encode)
 
     p = tsub.add_parser("decode", help="print the text of token ids (arguments, a file, or stdin)")
     p.add_argument("-t", "--tokenizer", required=True, metavar="DIR", help="tokenizer (or model) directory")
     p.add_argument("ids", nargs="*", type=str, help="token ids (default: whitespace-separated ids on stdin)")
-    p.add_argument("--input", metavar="FILE", help="file of whitespace-separated ids")
+    p.add_argument("--input", metavar="FILE", help="file of whitespace-separated ids (default: stdin)")
     p.set_defaults(func=_tokenizer_decode)
 
     p = tsub.add_parser("info", help="describe a saved tokenizer")
@@ -57,7 +112,9 @@ def _tokenizer_train(args: argparse.Namespace) -> None:
     from scratchlm.tokenizer.commands import train_tokenizer
 
     summary = train_tokenizer(args.input, args.vocab_size, args.out, special_tokens=args.special_token,
-                              pattern=args.pattern, workers=args.workers, progress=not args.no_progress)
+                              pattern=args.pattern, workers=args.workers, progress=not args.no_progress,
+                              max_mb=args.max_mb, text_field=args.text_field, doc_mode=args.doc_mode,
+                              overwrite=args.overwrite)
     print(summary.describe())
 
 
@@ -75,7 +132,8 @@ def _tokenizer_encode(args: argparse.Namespace) -> None:
     from scratchlm.tokenizer.commands import encode_text
 
     with _open_text_input(None if args.text is not None else args.input) as f:
-        ids = encode_text(args.tokenizer, [args.text] if args.text is not None else f)
+        ids = encode_text(args.tokenizer, [args.text] if args.text is not None else f,
+                          allow_special=args.allow_special)
         line: list[str] = []
         for token_id in ids:
             line.append(str(token_id))
@@ -104,6 +162,8 @@ def _tokenizer_info(args: argparse.Namespace) -> None:
 
 # --------------------------------------------------------------------------- data
 def _add_data_commands(sub: argparse._SubParsersAction) -> None:
+    from scratchlm.data.hub import CORPORA
+
     data = sub.add_parser("data", help="prepare token shards from raw corpora; download corpora")
     dsub = data.add_subparsers(dest="data_command", required=True)
 
@@ -111,32 +171,36 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input", nargs="+", required=True, metavar="SRC",
                    help="files, directories, globs (.txt/.jsonl/.json/.parquet, .gz/.zst), or 'stdlib'")
     p.add_argument("--tokenizer", required=True, metavar="DIR", help="tokenizer (or model) directory")
-    p.add_argument("-o", "--out", required=True, metavar="DATA_DIR")
+    p.add_argument("-o", "--out", required=True, metavar="DATA_DIR", help="data directory to write")
+    _add_overwrite_option(p, "data directory")
     p.add_argument("--val-input", nargs="+", default=[], metavar="SRC",
                    help="explicit validation inputs (replace the hash split)")
-    p.add_argument("--val-fraction", type=float, default=0.01, help="validation share (default 0.01)")
+    p.add_argument("--val-fraction", type=float, default=0.01, help="validation share of the documents")
     p.add_argument("--split-by-position", action="store_true",
                    help="validation = the last --val-fraction of the text (one long document)")
-    p.add_argument("--text-field", default="text", help="JSON/Parquet field with the text")
-    p.add_argument("--doc-mode", default="auto", choices=["auto", "file", "eot", "blank", "line"],
-                   help="how plain text files are cut into documents")
+    _add_source_options(p)
     p.add_argument("--profile", choices=["prose", "code"], default=None,
                    help="filter profile for all inputs (default: code for source files, else prose)")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all CPUs)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty DATA_DIR")
     p.add_argument("--no-filter", nargs="+", default=[], metavar="NAME",
-                   help="switch off filters by name, or 'all'")
+                   help="switch off filters by name (the names in the closing table), or 'all'")
     p.add_argument("--no-dedup", action="store_true", help="skip exact and near-duplicate removal")
-    p.add_argument("--near-dup-threshold", type=float, default=0.8, help="MinHash Jaccard threshold")
+    p.add_argument("--near-dup-threshold", type=float, default=0.8,
+                   help="MinHash Jaccard similarity above which documents are near-duplicates")
     p.add_argument("--blocklist-words", metavar="FILE", help="drop documents containing these words")
     p.add_argument("--blocklist-urls", metavar="FILE", help="drop documents linking these domains")
     p.add_argument("--scrub-pii", action="store_true", help="replace e-mails, IPv4 addresses, phone numbers")
     p.add_argument("--strict-json", action="store_true", help="malformed JSONL records are fatal")
     p.set_defaults(func=_data_prepare)
 
-    d = dsub.add_parser("download", help="download a named corpus from the Hugging Face Hub")
-    d.add_argument("name", help="tinystories, tinystories-valid or fineweb-edu-sample")
-    d.add_argument("-o", "--out", required=True, metavar="DIR")
+    table = "\n".join(f"  {name:<20}{corpus.description}\n  {'':<20}[{corpus.source}]"
+                      for name, corpus in CORPORA.items())
+    d = dsub.add_parser("download", help="download a named corpus (Hugging Face Hub or GitHub)",
+                        description="Download a named corpus into DIR. Files already there and "
+                                    "complete are not fetched again.",
+                        epilog=f"corpora:\n{table}", formatter_class=_EpilogHelpFormatter)
+    d.add_argument("name", help="one of the corpora listed below")
+    d.add_argument("-o", "--out", required=True, metavar="DIR", help="directory to download into")
     d.set_defaults(func=_data_download)
 
 
@@ -168,46 +232,57 @@ _OVERRIDE_PREFIX = "override:"
 
 
 def _add_train_command(sub: argparse._SubParsersAction) -> None:
-    from scratchlm.train.config import SECTIONS, field_types
+    from scratchlm.train.config import SECTIONS, field_help, field_types, type_name
 
     p = sub.add_parser(
         "train", help="pretrain a model (torchrun for DDP/FSDP2)",
         description="Train from a YAML/TOML config. Every config field can be overridden as "
-                    "--section.key=value. Multi-GPU: torchrun --nproc_per_node=N -m scratchlm "
-                    "train ...",
+                    "--section.key=value ('null' for none). Multi-GPU: torchrun "
+                    "--nproc_per_node=N -m scratchlm train ...",
     )
     p.add_argument("--config", required=True, metavar="FILE", help="YAML or TOML config")
     p.add_argument("--out", required=True, metavar="DIR", help="run directory")
     p.add_argument("--resume", action="store_true",
-                   help="continue from the latest checkpoint in --out (fresh start if none)")
-    overrides = p.add_argument_group("config overrides")
+                   help="continue from the latest checkpoint in --out (fresh start if none); a changed "
+                        "budget re-plans the learning-rate schedule")
+    p.add_argument("--overwrite", action="store_true",
+                   help="train into a directory holding other files (they are kept); without --resume, "
+                        "an earlier run there starts over")
     for section in SECTIONS:
+        group = p.add_argument_group(f"{section} section (config overrides)")
+        helps = field_help(section)
         for key, type_ in field_types(section).items():
-            overrides.add_argument(f"--{section}.{key}", dest=f"{_OVERRIDE_PREFIX}{section}.{key}",
-                                   metavar=getattr(type_, "__name__", str(type_)).upper(),
-                                   default=argparse.SUPPRESS)
+            text, default = helps[key]
+            # The file's value wins over the dataclass default, so the default is shown as
+            # text and the option itself stays unset unless given.
+            group.add_argument(f"--{section}.{key}", dest=f"{_OVERRIDE_PREFIX}{section}.{key}",
+                               metavar=type_name(type_), default=argparse.SUPPRESS,
+                               help=f"{text} (default: {'null' if default is None else repr(default)})")
     p.set_defaults(func=_train)
 
 
 def _train(args: argparse.Namespace) -> None:
     import json
-    import os
 
     from scratchlm.train import load_train_config, train
 
     overrides = [f"{dest[len(_OVERRIDE_PREFIX):]}={value}" for dest, value in vars(args).items()
                  if dest.startswith(_OVERRIDE_PREFIX)]
-    summary = train(load_train_config(args.config, overrides), args.out, resume=args.resume)
+    summary = train(load_train_config(args.config, overrides), args.out, resume=args.resume,
+                    overwrite=args.overwrite)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary, not one per process
         print(json.dumps(summary, indent=2))
 
 
 # --------------------------------------------------------------------------- model, plan, generate
 def _add_model_commands(sub: argparse._SubParsersAction) -> None:
+    from scratchlm.model import PRESETS
+
     model = sub.add_parser("model", help="inspect model presets and model directories")
     msub = model.add_subparsers(dest="model_command", required=True)
     p = msub.add_parser("info", help="architecture, parameter counts, FLOPs/token, memory")
-    p.add_argument("model", metavar="PRESET|DIR", help="a preset name (e.g. gpt2-124m) or a model directory")
+    p.add_argument("model", metavar="PRESET|DIR",
+                   help=f"a preset ({', '.join(PRESETS)}) or a model directory")
     p.add_argument("--vocab-size", type=int, default=None, help="override a preset's vocab_size")
     p.add_argument("--context-length", type=int, default=None, help="override a preset's context_length")
     p.add_argument("--batch-size", type=int, default=1, help="micro-batch for the memory estimate")
@@ -234,6 +309,8 @@ def _model_info(args: argparse.Namespace) -> None:
 
 
 def _add_plan_command(sub: argparse._SubParsersAction) -> None:
+    from scratchlm.model.accounting import GPU_PEAK_FLOPS
+
     p = sub.add_parser(
         "plan", help="compute-optimal model size, tokens, training time and memory",
         description="Chinchilla planning from a compute budget or a model size. Numbers take "
@@ -242,13 +319,15 @@ def _add_plan_command(sub: argparse._SubParsersAction) -> None:
     budget.add_argument("--flops", help="total training compute in FLOPs")
     budget.add_argument("--gpu-hours", help="total GPU-hours on --gpu at --mfu")
     budget.add_argument("--params", help="model size; the budget is training it on 20 tokens/param")
-    p.add_argument("--gpu", default="H100", help="GPU model (H100, H200, A100, L4, ...)")
+    p.add_argument("--gpu", default="H100", help=f"GPU model ({', '.join(GPU_PEAK_FLOPS)})")
     p.add_argument("--gpus", type=int, default=8, help="GPUs to train on (time and memory per GPU)")
     p.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation")
-    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--seq-len", type=int, default=2048, help="sequence length")
     p.add_argument("--micro-batch", type=int, default=8, help="sequences per GPU per step")
-    p.add_argument("--vocab-size", type=int, default=50257)
-    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--vocab-size", type=int, default=50257,
+                   help="vocabulary size (GPT-2's by default); its embedding sets the smallest model")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="estimate memory with activations recomputed in the backward pass")
     p.set_defaults(func=_plan)
 
 
@@ -266,27 +345,34 @@ def _plan(args: argparse.Namespace) -> None:
 
 def _add_generate_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="continue a prompt with a trained model (streams text)")
-    p.add_argument("model_dir", metavar="MODEL_DIR")
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="a model directory (e.g. runs/stdlib/train/final)")
     p.add_argument("--prompt", required=True, help="text to continue ('' starts a new document)")
-    p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"],
-                   help="auto: cuda, then mps, then cpu")
+    p.add_argument("--max-tokens", type=int, default=256, help="tokens to generate at most")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy")
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens only")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="sample from the smallest set of tokens whose probability reaches p")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible samples (default: random)")
+    p.add_argument("--device", default="auto", choices=DEVICES, help="auto: cuda, then mps, then cpu")
     p.set_defaults(func=_generate)
 
 
 def _generate(args: argparse.Namespace) -> None:
-    from scratchlm.infer import generate
+    from scratchlm.infer import check_generation_args, generate
     from scratchlm.model import load_model
     from scratchlm.train.distributed import pick_device
 
-    model, tokenizer = load_model(args.model_dir, device=pick_device(args.device))
+    # Everything the user typed is checked before the seconds spent loading the model.
+    check_generation_args(args.max_tokens, args.temperature, args.top_k, args.top_p)
+    device = pick_device(args.device)
+    model, tokenizer = load_model(args.model_dir, device=device)
+
+    def notice(message: str) -> None:
+        print(f"scratchlm: {message}", file=sys.stderr)
+
     for piece in generate(model, tokenizer, args.prompt, max_new_tokens=args.max_tokens,
                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                          seed=args.seed):
+                          seed=args.seed, notice=notice):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -294,31 +380,36 @@ def _generate(args: argparse.Namespace) -> None:
 
 # --------------------------------------------------------------------------- run (the main job)
 def _add_run_command(sub: argparse._SubParsersAction) -> None:
+    from scratchlm.data.hub import CORPORA
+    from scratchlm.model import PRESETS
     from scratchlm.pipeline import RunSettings
 
     d = RunSettings()
     p = sub.add_parser("run", help="the main job: raw text to a trained, evaluated model with a report card",
                        description="Train a tokenizer, prepare data, pretrain, evaluate against gzip/xz, "
                                    "sample and write a report. Re-running skips finished stages and "
-                                   "resumes an interrupted one.")
-    p.add_argument("--corpus", nargs="+", default=list(d.corpus), metavar="stdlib|tinystories|PATH",
-                   help="training text: the Python stdlib (offline default), a named corpus to "
-                        "download, or files/directories/globs")
-    p.add_argument("--val-corpus", nargs="+", default=[], metavar="PATH",
+                                   "resumes an interrupted one; a larger --minutes continues training.")
+    p.add_argument("--corpus", nargs="+", default=list(d.corpus), metavar="SRC",
+                   help=f"training text: 'stdlib' (the Python standard library, offline), a corpus to "
+                        f"download ({', '.join(CORPORA)}), or files/directories/globs")
+    p.add_argument("--val-corpus", nargs="+", default=[], metavar="SRC",
                    help="held-out text (default: a deterministic split of the corpus)")
     p.add_argument("--split-by-position", action="store_true",
                    help="hold out the last part of the text (for one long document, e.g. Tiny Shakespeare)")
-    p.add_argument("--preset", default=d.preset, help=f"model preset (default {d.preset})")
+    p.add_argument("--preset", default=d.preset, choices=list(PRESETS), help="model preset")
     p.add_argument("--minutes", type=float, default=d.minutes, help="pretraining budget in minutes")
-    p.add_argument("-o", "--out", default="", metavar="DIR", help="run directory (default runs/<corpus>)")
-    p.add_argument("--vocab-size", type=int, default=d.vocab_size)
-    p.add_argument("--context-length", type=int, default=d.context_length)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--micro-batch-size", type=int, default=d.micro_batch_size)
-    p.add_argument("--global-batch-tokens", type=int, default=d.global_batch_tokens)
-    p.add_argument("--device", default=d.device, choices=["auto", "cuda", "mps", "cpu"])
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("-o", "--out", default="", metavar="DIR", help="run directory (default: runs/<corpus name>)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over: replace an earlier run's outputs in DIR, or run in a directory "
+                        "holding other files (downloads and other files are kept)")
+    p.add_argument("--vocab-size", type=int, default=d.vocab_size, help="tokenizer vocabulary size")
+    p.add_argument("--context-length", type=int, default=d.context_length, help="model context in tokens")
+    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
+    p.add_argument("--micro-batch-size", type=int, default=d.micro_batch_size, help="sequences per forward pass")
+    p.add_argument("--global-batch-tokens", type=int, default=d.global_batch_tokens, help="tokens per optimizer step")
+    p.add_argument("--device", default=d.device, choices=DEVICES, help="auto: cuda, then mps, then cpu")
+    p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the whole run")
     p.set_defaults(func=_run)
 
 
@@ -331,15 +422,12 @@ def _run(args: argparse.Namespace) -> None:
         context_length=args.context_length, split_by_position=args.split_by_position,
         micro_batch_size=args.micro_batch_size, global_batch_tokens=args.global_batch_tokens,
         lr=args.lr, seed=args.seed, device=args.device, compile=args.compile,
-    ))
+    ), overwrite=args.overwrite)
 
 
 # --------------------------------------------------------------------------- dispatch
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="scratchlm",
-        description="From raw text to a language model you trained yourself.",
-    )
+    parser = _Parser(prog="scratchlm", description="From raw text to a language model you trained yourself.")
     parser.add_argument("--version", action="version", version=f"scratchlm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run_command(sub)
@@ -366,6 +454,15 @@ def main(argv: list[str] | None = None) -> int:
         # The reader went away (`scratchlm tokenizer encode ... | head`): not an error worth a
         # traceback. Point stdout at devnull so the interpreter's final flush stays quiet.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except OSError as exc:
+        # An OS error about a file (disk full, permissions) that no stage turned into a
+        # message: still one line naming the path. One without a path is a bug: traceback.
+        if exc.filename is None:
+            raise
+        from scratchlm.fsutil import describe_os_error
+
+        print(f"scratchlm: error: {describe_os_error(exc)}", file=sys.stderr)
         return 1
     return 0
 

@@ -5,10 +5,13 @@ The job is a fixed chain of stages, each writing into its own place in the run d
     tokenizer -> data -> train -> eval -> samples -> report
 
 `run.json` records the settings the run was created with and, per stage, when it finished,
-how long it took and what it measured. Re-running the same command skips every finished
-stage; an interrupted stage starts again (tokenizer, data: they write atomically, so nothing
-half-done is ever mistaken for done) or resumes (train: from its last checkpoint). The report
-is rebuilt every time from what the stages recorded.
+how long it took and what it measured. Every setting is checked before any stage writes.
+Re-running the same command skips every finished stage; an interrupted stage starts again
+(tokenizer, data: they write atomically, so nothing half-done is ever mistaken for done) or
+resumes (train: from its last checkpoint). A larger `--minutes` continues training from the
+last checkpoint with the schedule re-planned for the new budget, then evaluates again; a
+smaller one changes nothing (a run cannot be untrained). The report is rebuilt every time from
+what the stages recorded.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from scratchlm.errors import ScratchLMError
-from scratchlm.fsutil import atomic_write_json, atomic_write_text
+from scratchlm.fsutil import atomic_write_json, atomic_write_text, check_output_directory, make_directory
 
 STAGES = ("tokenizer", "data", "train", "eval", "samples")
 
@@ -70,35 +73,96 @@ class RunSettings:
         name = Path(self.corpus[0].rstrip("/")).stem or "run"
         return Path("runs") / name
 
+    def validate(self) -> None:
+        """Check every setting before anything is written (a typo must not cost a tokenizer
+        and a data stage first): numbers in range, the preset, the model shape, the batch
+        arithmetic, the device, the inputs."""
+        from scratchlm.data.hub import CORPORA
+        from scratchlm.model import PRESETS, ModelConfig
+        from scratchlm.sources import resolve_input
+        from scratchlm.train.distributed import pick_device
+
+        if not self.corpus:
+            raise ScratchLMError("--corpus: give at least one corpus")
+        for spec in (*self.corpus, *self.val_corpus):
+            if spec not in CORPORA:
+                resolve_input(spec)
+        if self.preset not in PRESETS:
+            raise ScratchLMError(f"--preset: unknown preset {self.preset!r}; known: {', '.join(PRESETS)}")
+        for name, low in (("minutes", 0.0), ("lr", 0.0), ("tokenizer_sample_mb", 0.0)):
+            if not getattr(self, name) > low:
+                raise ScratchLMError(f"--{name.replace('_', '-')}: must be > 0, got {getattr(self, name)!r}")
+        for name, low in (("micro_batch_size", 1), ("global_batch_tokens", 1), ("context_length", 1),
+                          ("eval_documents", 1), ("warmup_steps", 0), ("sample_tokens", 0)):
+            if getattr(self, name) < low:
+                raise ScratchLMError(f"--{name.replace('_', '-')}: must be at least {low}, got {getattr(self, name)!r}")
+        if self.vocab_size < 257:
+            raise ScratchLMError(f"--vocab-size: must be at least 257 (256 bytes + <|endoftext|>), "
+                                 f"got {self.vocab_size}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ScratchLMError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.split_by_position and self.val_corpus:
+            raise ScratchLMError("--split-by-position and --val-corpus exclude each other")
+        ModelConfig.from_preset(self.preset, vocab_size=self.vocab_size, context_length=self.context_length)
+        per_step = self.micro_batch_size * self.context_length
+        if self.global_batch_tokens % per_step:
+            raise ScratchLMError(f"--global-batch-tokens: {self.global_batch_tokens} is not a multiple of "
+                                 f"--micro-batch-size x --context-length = {per_step}")
+        pick_device(self.device)
+
 
 # Settings that may change between invocations of the same run without invalidating it.
 _MAY_CHANGE = {"out_dir", "device", "minutes"}
+# What a run writes into its directory: all that `--overwrite` removes. Downloads are kept
+# (a cache of public corpora, expensive to fetch again).
+RUN_OUTPUTS = ("run.json", "tokenizer", "data", "train", "samples.json", "report.md", "report.json",
+               "loss.png")
 
 
 class _Run:
-    def __init__(self, settings: RunSettings, progress: Callable[[str], None]):
+    def __init__(self, settings: RunSettings, progress: Callable[[str], None], overwrite: bool = False):
+        settings.validate()
         self.settings = settings
-        self.dir = settings.resolved_out_dir()
+        self.dir = check_output_directory(settings.resolved_out_dir(), overwrite=True, what="run")
         self.say = progress
         self.state_path = self.dir / "run.json"
-        self.state = self._load_state()
+        if overwrite:
+            self._start_over()
+        self.state = self._load_state(may_hold_other_files=overwrite)
 
     # ------------------------------------------------------------------ state
-    def _load_state(self) -> dict[str, Any]:
+    def _start_over(self) -> None:
+        for name in RUN_OUTPUTS:
+            path = self.dir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+
+    def _load_state(self, may_hold_other_files: bool) -> dict[str, Any]:
         wanted = dataclasses.asdict(self.settings)
+        fresh = {"settings": wanted, "stages": {}, "command": _command_line()}
         if not self.state_path.exists():
-            return {"settings": wanted, "stages": {}, "command": _command_line()}
+            foreign = sorted(p.name for p in self.dir.iterdir()) if self.dir.is_dir() else []
+            if foreign and foreign != ["downloads"] and not may_hold_other_files:
+                raise ScratchLMError(f"{self.dir} is not empty and holds no run ({', '.join(foreign[:3])}); "
+                                     f"use --overwrite to run there anyway (its files are kept), "
+                                     f"or another -o directory")
+            return fresh
         try:
             state = json.loads(self.state_path.read_text())
             recorded = state["settings"]
-        except (OSError, ValueError, KeyError) as exc:
-            raise ScratchLMError(f"{self.state_path}: unreadable run state ({exc})") from exc
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ScratchLMError(f"{self.state_path}: unreadable run state ({exc}); use --overwrite "
+                                 "to start over") from None
+        if not any(stage.get("done") for stage in state.get("stages", {}).values()):
+            return fresh  # nothing finished: nothing to protect
         differing = sorted(k for k in wanted if k not in _MAY_CHANGE
                            and _normal(recorded.get(k)) != _normal(wanted[k]))
         if differing:
             details = ", ".join(f"{k} (run has {recorded.get(k)!r}, asked {wanted[k]!r})" for k in differing)
             raise ScratchLMError(f"{self.dir} holds a run with other settings: {details}; "
-                                 "use another -o directory")
+                                 "use --overwrite to start it over, or another -o directory")
         state["settings"] = wanted
         return state
 
@@ -121,18 +185,24 @@ class _Run:
 
     # ------------------------------------------------------------------ stages
     def stage_tokenizer(self) -> dict[str, Any]:
+        from scratchlm.data.clean import clean_text
+        from scratchlm.sources import hash_fraction
         from scratchlm.tokenizer.commands import train_tokenizer
 
         s = self.settings
         train_inputs, val_inputs = self.inputs()
-        sample = self.dir / "tokenizer_sample.txt"
+
+        def held_out_by_data_stage(doc) -> bool:
+            # The data stage splits cleaned text by this same hash: the tokenizer never
+            # learns from a validation document.
+            return hash_fraction(clean_text(doc.text, doc.profile)) < s.val_fraction
+
         hash_split = not (val_inputs or s.split_by_position)
-        n_bytes = _write_tokenizer_sample(train_inputs, sample, int(s.tokenizer_sample_mb * 1e6),
-                                          s.val_fraction if hash_split else 0.0)
-        summary = train_tokenizer([sample], s.vocab_size, self.dir / "tokenizer", progress=True)
-        sample.unlink()
+        summary = train_tokenizer(train_inputs, s.vocab_size, self.dir / "tokenizer", progress=True,
+                                  max_mb=s.tokenizer_sample_mb, overwrite=True,
+                                  exclude=held_out_by_data_stage if hash_split else None)
         self.say(summary.describe())
-        return {"vocab_size": summary.vocab_size, "sample_bytes": n_bytes,
+        return {"vocab_size": summary.vocab_size, "sample_bytes": summary.input_bytes,
                 "bytes_per_token": summary.bytes_per_token, "train_seconds": summary.seconds,
                 "train_mb_per_s": summary.mb_per_s}
 
@@ -177,7 +247,25 @@ class _Run:
         from scratchlm.train import train
 
         summary = train(self.train_config(), self.dir / "train", resume=True)
-        return {k: v for k, v in summary.items() if isinstance(v, (int, float, str, type(None)))}
+        figures = {k: v for k, v in summary.items() if isinstance(v, (int, float, str, type(None)))}
+        return {**figures, "minutes": self.settings.minutes}
+
+    def _extend_training(self) -> None:
+        """A larger --minutes than the finished training had: continue it (and redo what
+        depends on the model); a smaller one is reported, never silently claimed."""
+        trained = self.state["stages"].get("train", {}).get("minutes")
+        asked = self.settings.minutes
+        if not self.done("train") or trained is None or asked == trained:
+            return
+        if asked < trained:
+            self.say(f"== train: trained {trained:g} min already; --minutes {asked:g} cannot shorten a "
+                     f"finished run (use --overwrite to start over)")
+            return
+        self.say(f"== train: budget raised from {trained:g} to {asked:g} min: training continues from "
+                 f"its last checkpoint")
+        for stage in ("train", "eval", "samples"):
+            self.state["stages"].get(stage, {})["done"] = False
+        self._save_state()
 
     def corpus_profile(self) -> str:
         """"code" or "prose": the profile of most training bytes, from the data manifest."""
@@ -250,19 +338,10 @@ class _Run:
                 (val if is_val else train).append(str(path))
         return train, val
 
-    def check_inputs(self) -> None:
-        """Fail on a missing corpus path before anything is written."""
-        from scratchlm.data.hub import CORPORA
-        from scratchlm.data.sources import resolve_input
-
-        for spec in (*self.settings.corpus, *self.settings.val_corpus):
-            if spec not in CORPORA:
-                resolve_input(spec)
-
     def execute(self) -> dict[str, Any]:
-        self.check_inputs()
-        self.dir.mkdir(parents=True, exist_ok=True)
+        make_directory(self.dir)
         self._save_state()
+        self._extend_training()
         for stage in STAGES:
             if self.done(stage):
                 self.say(f"== {stage}: done already, skipped")
@@ -280,10 +359,14 @@ class _Run:
         return report
 
 
-def run_pipeline(settings: RunSettings, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Run (or resume) the whole job; returns the figures written to report.json."""
+def run_pipeline(settings: RunSettings, progress: Callable[[str], None] | None = None,
+                 overwrite: bool = False) -> dict[str, Any]:
+    """Run (or resume) the whole job; returns the figures written to report.json.
+
+    `overwrite` starts over in a directory that holds an earlier run (its outputs are replaced,
+    downloads kept) or other files (they stay)."""
     say = progress or (lambda message: print(message, file=sys.stderr, flush=True))
-    return _Run(settings, say).execute()
+    return _Run(settings, say, overwrite).execute()
 
 
 # ---------------------------------------------------------------------- helpers
@@ -293,39 +376,6 @@ def _normal(value: Any) -> Any:
 
 def _command_line() -> str:
     return "scratchlm " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "scratchlm run"
-
-
-def _write_tokenizer_sample(specs: list[str], path: Path, max_bytes: int, val_fraction: float) -> int:
-    """Write up to `max_bytes` of the corpus' documents, separated by <|endoftext|>, to `path`.
-
-    Documents the data stage's hash split will hold out for validation are skipped
-    (`val_fraction` > 0), so the tokenizer never learns from the text it is evaluated on.
-    Documents are taken round-robin across inputs so a sample of a multi-source corpus
-    represents every source.
-    """
-    from scratchlm.data.sources import iter_documents_from
-    from scratchlm.data.split import hash_fraction
-    from scratchlm.tokenizer import ENDOFTEXT
-
-    streams = [iter_documents_from(spec) for spec in specs]
-    written = 0
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8", errors="surrogateescape") as out:
-        while streams and written < max_bytes:
-            for stream in list(streams):
-                doc = next(stream, None)
-                if doc is None:
-                    streams.remove(stream)
-                    continue
-                if val_fraction and hash_fraction(doc.text) < val_fraction:
-                    continue
-                out.write(doc.text + ENDOFTEXT)
-                written += len(doc.text.encode("utf-8", errors="surrogateescape")) + len(ENDOFTEXT)
-    if written == 0:
-        tmp.unlink()
-        raise ScratchLMError(f"corpus {', '.join(specs)}: no documents to train the tokenizer on")
-    os.replace(tmp, path)
-    return written
 
 
 def _hardware() -> dict[str, Any]:
@@ -397,7 +447,8 @@ def _report_markdown(run: _Run, f: dict[str, Any], model_table: str, data_table:
         f"# scratchlm run report: {run.dir}",
         "",
         f"Model: `{f['model_dir']}` ({f['params']:,} parameters, preset `{s['preset']}`), "
-        f"trained {_fmt(s['minutes'], '.1f')} min on corpus {', '.join(s['corpus'])}.",
+        f"trained {_fmt(run.state['stages'].get('train', {}).get('minutes'), '.1f')} min on corpus "
+        f"{', '.join(s['corpus'])}.",
         "",
         "## Evaluation (held-out documents, each on its own)",
         "",

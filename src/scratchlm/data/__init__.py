@@ -1,20 +1,27 @@
-"""The data stage: raw corpora -> cleaned, filtered, deduplicated, tokenized shards -> batches."""
+"""The data stage: raw corpora -> cleaned, filtered, deduplicated, tokenized shards -> batches.
+
+Names are imported on first use: the loader needs torch, preparation numpy and tqdm, and
+neither should slow `scratchlm --help` (or `data prepare`'s worker processes, torch).
+"""
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
-from scratchlm.data.prepare import PrepareConfig, format_stats_table, prepare_data
-from scratchlm.data.shards import iter_documents, read_manifest
+_LAZY = {
+    "PrepareConfig": "scratchlm.data.prepare",
+    "format_stats_table": "scratchlm.data.prepare",
+    "prepare_data": "scratchlm.data.prepare",
+    "iter_documents": "scratchlm.data.shards",
+    "read_manifest": "scratchlm.data.shards",
+    "TokenLoader": "scratchlm.data.loader",
+}
 
-__all__ = ["PrepareConfig", "TokenLoader", "format_stats_table", "iter_documents", "prepare_data", "read_manifest"]
+__all__ = sorted(_LAZY)
 
 
 def __getattr__(name: str) -> Any:
-    # TokenLoader needs torch; importing it lazily keeps `scratchlm data prepare` (and its
-    # worker processes) free of torch's ~1 s import.
-    if name == "TokenLoader":
-        from scratchlm.data.loader import TokenLoader
-
-        return TokenLoader
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

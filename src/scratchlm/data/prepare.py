@@ -3,12 +3,15 @@
 Stages, in order (each one's documents and bytes in/out end up in the manifest and the
 closing table):
 
-  read      sources.py: files / JSON / Parquet / stdlib into documents
-  filter    clean.py + filters.py in worker processes: normalise, drop by the first failing
-            filter, optionally scrub PII, and compute the exact-dedup key and MinHash signature
+  read      scratchlm.sources (the reader every command shares): files / JSON / Parquet /
+            stdlib into documents, invalid UTF-8 and malformed records counted
+  filter    clean.py + filters.py in worker processes: drop binary data, normalise, drop by the
+            first failing filter, optionally scrub PII, and compute the exact-dedup key and
+            MinHash signature
+  tokenize  worker processes encode batches of documents as ordinary text (a special token's
+            string in a document is text, never a boundary); the writer appends the EOT
   dedup     dedup.py in the parent: exact keys, then LSH over the signatures
   split     split.py: by hash, by position, or the explicit validation inputs
-  tokenize  worker processes encode batches of documents; the parent writes shards in order
 
 Workers return results in submission order (`Pool.imap`), so the output is byte-identical for
 any number of workers. Validation inputs are read first, so when a training document
@@ -34,11 +37,11 @@ from scratchlm.data.dedup import MinHasher, choose_bands, exact_key, near_duplic
 from scratchlm.data.filters import (
     FILTERS, PROFILES, Blocklists, FilterConfig, check_filter_names, first_failing_filter, scrub_pii,
 )
-from scratchlm.data.shards import FORMAT_VERSION, MANIFEST, ShardWriter, shard_dtype
-from scratchlm.data.sources import DOC_MODES, Document, SourceStats, iter_documents_from
+from scratchlm.data.shards import FORMAT_VERSION, MANIFEST, ShardWriter, index_name, shard_dtype
 from scratchlm.data.split import split_by_hash, split_by_position
 from scratchlm.errors import ScratchLMError
-from scratchlm.fsutil import atomic_directory, atomic_write_json
+from scratchlm.fsutil import atomic_directory, atomic_write_json, check_output_directory
+from scratchlm.sources import DOC_MODES, Document, SourceStats, check_inputs, iter_documents_from, looks_binary
 
 
 @dataclass
@@ -89,6 +92,12 @@ class PrepareConfig:
                 raise ScratchLMError(f"{name} must be at least 1, got {value}")
 
 
+# Why a document can be dropped: binary data (judged before cleaning), then the filters.
+# Binary data and empty documents are dropped whatever the filter settings.
+DROP_REASONS = ("binary", *FILTERS)
+ALWAYS_ON = ("binary", "empty")
+
+
 # --------------------------------------------------------------------------- worker side
 @dataclass
 class _WorkerContext:
@@ -128,11 +137,16 @@ def _process_batch(batch: list[tuple[str, str, str | None]]) -> list[_Processed]
     disabled = frozenset(config.disabled_filters)
     results = []
     for text, profile, url in batch:
-        text = clean_text(text, profile)
         reason = None
-        if not text:  # always dropped, filters or not: nothing to train on
+        # Always applied, filters or not. Binary data is judged before cleaning, which would
+        # delete its control characters and hide what it is; an empty text has nothing to train on.
+        if looks_binary(text):
+            reason = "binary"
+        else:
+            text = clean_text(text, profile)
+        if reason is None and not text:
             reason = "empty"
-        elif config.filter:
+        elif reason is None and config.filter:
             reason = first_failing_filter(text, profile, config.filters, _CONTEXT.blocklists, disabled, url)
         if reason is not None:
             results.append(_Processed(None, reason, {}, b"", None))
@@ -146,7 +160,7 @@ def _process_batch(batch: list[tuple[str, str, str | None]]) -> list[_Processed]
 
 
 def _tokenize_batch(texts: list[str]) -> list[np.ndarray]:
-    return [np.asarray(_CONTEXT.tokenizer.encode(text), dtype=np.uint32) for text in texts]
+    return [np.asarray(_CONTEXT.tokenizer.encode_ordinary(text), dtype=np.uint32) for text in texts]
 
 
 # --------------------------------------------------------------------------- parent side
@@ -232,7 +246,7 @@ def _filter_documents(docs: list[Document], runner: _Runner, config: PrepareConf
         for batch in runner.imap(_process_batch, _batches(work, config.batch_documents)):
             results.extend(batch)
             bar.update(len(batch))
-    dropped = {name: 0 for name in FILTERS}
+    dropped = {name: 0 for name in DROP_REASONS}
     for r in results:
         if r.dropped_by:
             dropped[r.dropped_by] += 1
@@ -303,11 +317,10 @@ def prepare_data(
     """Build a data directory from `inputs`; returns the manifest (also written as manifest.json)."""
     config = config or PrepareConfig()
     config.validate()
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
-        raise ScratchLMError(f"output directory {out_dir} exists and is not empty (use overwrite to replace it)")
-    if not inputs:
-        raise ScratchLMError("no inputs given")
+    out_dir = check_output_directory(out_dir, overwrite, "data directory")
+    check_inputs(inputs)
+    if config.val_inputs:
+        check_inputs(config.val_inputs)
 
     from scratchlm.tokenizer import Tokenizer
 
@@ -347,13 +360,25 @@ def prepare_data(
         for name, part in splits.items():
             log.add(f"split {name}", part)
 
-        with atomic_directory(out_dir, overwrite=True) as tmp_dir:
+        with atomic_directory(out_dir, overwrite, "data directory", commit_last=(MANIFEST,),
+                              replaces=_previous_outputs(out_dir)) as tmp_dir:
             split_info = _tokenize_and_write(splits, runner, tmp_dir, config, dtype, tokenizer.eot_id)
             log.add("tokenize+write", [t for part in splits.values() for t in part])
             manifest = _manifest(tokenizer, dtype, config, train_sources, val_sources, dropped,
                                  results, survivors, log.rows, split_info, time.perf_counter() - started)
             atomic_write_json(tmp_dir / MANIFEST, manifest)
     return manifest
+
+
+def _previous_outputs(out_dir: Path) -> list[str]:
+    """Files a previous `prepare` wrote into `out_dir` (named in its manifest), to remove when
+    the new output does not replace them; an unreadable manifest names none."""
+    try:
+        manifest = json.loads((out_dir / MANIFEST).read_text(encoding="utf-8"))
+        shards = [s["file"] for split in manifest["splits"].values() for s in split["shards"]]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return []
+    return [MANIFEST, *shards, *(index_name(name) for name in shards)]
 
 
 def _manifest(tokenizer, dtype: np.dtype, config: PrepareConfig, train_sources: list[SourceStats],
@@ -366,7 +391,9 @@ def _manifest(tokenizer, dtype: np.dtype, config: PrepareConfig, train_sources: 
 
     def source_entry(stats: SourceStats, role: str) -> dict:
         return {"input": stats.input, "role": role, "files": stats.files, "documents": stats.documents,
-                "bytes": stats.bytes, "malformed": stats.malformed, "profile": config.profile or stats.profile}
+                "bytes": stats.bytes, "profile": config.profile or stats.profile,
+                "malformed": stats.malformed, "malformed_examples": stats.malformed_examples,
+                "invalid_utf8_bytes": stats.invalid_utf8_bytes, "problems": stats.problems()}
 
     # Through JSON once, so the returned manifest equals what read_manifest gives (tuples -> lists).
     config_dict = json.loads(json.dumps(dataclasses.asdict(config)))
@@ -378,10 +405,11 @@ def _manifest(tokenizer, dtype: np.dtype, config: PrepareConfig, train_sources: 
         "dtype": dtype.name,
         "sources": [source_entry(s, "val") for s in val_sources] + [source_entry(s, "train") for s in train_sources],
         "filters": {
-            name: {"enabled": name == "empty" or (config.filter and name not in config.disabled_filters),
-                   "profiles": [p for p, names in PROFILES.items() if name in names],
+            name: {"enabled": name in ALWAYS_ON or (config.filter and name not in config.disabled_filters),
+                   "profiles": list(PROFILES) if name in ALWAYS_ON else
+                               [p for p, names in PROFILES.items() if name in names],
                    "dropped": dropped[name]}
-            for name in FILTERS
+            for name in DROP_REASONS
         },
         "dedup": {
             "enabled": config.dedup, "near_dup_threshold": config.near_dup_threshold,
@@ -404,9 +432,8 @@ def format_stats_table(manifest: dict) -> str:
     drops = [(name, f["dropped"]) for name, f in manifest["filters"].items() if f["dropped"]]
     if drops:
         lines.append("dropped by filter: " + ", ".join(f"{name} {n:,}" for name, n in drops))
-    malformed = sum(s["malformed"] for s in manifest["sources"])
-    if malformed:
-        lines.append(f"malformed records skipped: {malformed:,}")
+    for source in manifest["sources"]:
+        lines.extend(source.get("problems", []))
     if manifest["pii_replacements"]:
         lines.append("PII replaced: " + ", ".join(f"{k} {v:,}" for k, v in manifest["pii_replacements"].items()))
     for split, info in manifest["splits"].items():

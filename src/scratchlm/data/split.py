@@ -13,15 +13,8 @@ rather than scattered passages whose neighbours the model trained on.
 
 from __future__ import annotations
 
-import hashlib
-
 from scratchlm.errors import ScratchLMError
-
-
-def hash_fraction(text: str) -> float:
-    """A uniform value in [0, 1) determined by the text alone."""
-    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8, person=b"scratchlm-split").digest()
-    return int.from_bytes(digest, "big") / 2**64
+from scratchlm.sources import hash_fraction
 
 
 def split_by_hash(texts: list[str], val_fraction: float) -> list[bool]:

@@ -1,29 +1,24 @@
-"""Bits per byte of a model on held-out documents.
-
-Loss per token depends on the tokenizer (a bigger vocabulary packs more bytes into each
-token), so models with different tokenizers, and models against gzip, are compared in bits
-per *byte* of the original text:
-
-    bpb = (sum over predicted tokens of -ln p(token | context)) / ln 2 / (bytes those tokens decode to)
+"""Bits per byte of a model on held-out documents (the definition: scratchlm.train.bpb).
 
 Each document is scored on its own, the way the compression baselines see it: the model is
 given the end-of-text token as its only context for the first token (that is how documents
 are separated in training), and documents longer than the context are cut into consecutive
 windows, each starting fresh. Fresh windows make the figure slightly pessimistic for long
-documents, never optimistic.
+documents, never optimistic. The trainer's validation pass packs the same windows into rows
+with document masking, and gets the same figure (tests/test_train_loop.py).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-IGNORE = -100
+from scratchlm.train.bpb import BYTES, TOKENS, bits_per_byte, loss_per_token, score_sums
+
+IGNORE = -1
 
 
 @dataclass(frozen=True)
@@ -36,7 +31,7 @@ class BitsPerByte:
 
 
 def _windows(documents: Iterable[np.ndarray], bos: int | None, context_length: int,
-             byte_lengths: np.ndarray, counts: dict) -> Iterator[tuple[list[int], list[int]]]:
+             counts: dict) -> Iterator[tuple[list[int], list[int]]]:
     """Yield (inputs, targets) windows covering every token of every document exactly once."""
     for doc in documents:
         tokens = [int(t) for t in doc]
@@ -46,7 +41,6 @@ def _windows(documents: Iterable[np.ndarray], bos: int | None, context_length: i
         # not scored and its bytes are not counted either.
         seq = ([bos] if bos is not None else []) + tokens
         counts["documents"] += 1
-        counts["bytes"] += int(byte_lengths[seq[1:]].sum())
         for start in range(0, len(seq) - 1, context_length):
             chunk = seq[start:start + context_length + 1]
             yield chunk[:-1], chunk[1:]
@@ -58,15 +52,14 @@ def evaluate_bits_per_byte(model: torch.nn.Module, tokenizer, documents: Iterabl
                            device: str | torch.device | None = None) -> BitsPerByte:
     """Score `documents` (arrays of token ids, no end-of-text token) with `model`."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    byte_lengths = np.asarray(tokenizer.token_byte_lengths())
-    counts = {"documents": 0, "bytes": 0}
-    total_nats = 0.0
-    total_tokens = 0
+    token_bytes = torch.as_tensor(np.asarray(tokenizer.token_byte_lengths()), dtype=torch.int64, device=device)
+    counts = {"documents": 0}
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
     was_training = model.training
     model.eval()
 
     def flush(batch: list[tuple[list[int], list[int]]]) -> None:
-        nonlocal total_nats, total_tokens
+        nonlocal sums
         width = max(len(x) for x, _ in batch)
         x = torch.zeros((len(batch), width), dtype=torch.long)
         y = torch.full((len(batch), width), IGNORE, dtype=torch.long)
@@ -77,13 +70,10 @@ def evaluate_bits_per_byte(model: torch.nn.Module, tokenizer, documents: Iterabl
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
         with autocast:
             logits = model(x)
-        nats = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1),
-                               ignore_index=IGNORE, reduction="sum")
-        total_nats += float(nats)
-        total_tokens += int((y != IGNORE).sum())
+        sums += score_sums(logits, y, token_bytes)
 
     batch: list[tuple[list[int], list[int]]] = []
-    for window in _windows(documents, tokenizer.eot_id, context_length, byte_lengths, counts):
+    for window in _windows(documents, tokenizer.eot_id, context_length, counts):
         batch.append(window)
         if len(batch) == batch_size:
             flush(batch)
@@ -92,12 +82,12 @@ def evaluate_bits_per_byte(model: torch.nn.Module, tokenizer, documents: Iterabl
         flush(batch)
     model.train(was_training)
 
-    if counts["bytes"] == 0:
+    if sums[BYTES] == 0:
         raise ValueError("no held-out bytes to evaluate: every document was empty")
     return BitsPerByte(
-        bits_per_byte=total_nats / math.log(2) / counts["bytes"],
-        loss_per_token=total_nats / total_tokens,
-        tokens=total_tokens,
-        bytes=counts["bytes"],
+        bits_per_byte=bits_per_byte(sums),
+        loss_per_token=loss_per_token(sums),
+        tokens=int(sums[TOKENS]),
+        bytes=int(sums[BYTES]),
         documents=counts["documents"],
     )

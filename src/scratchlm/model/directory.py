@@ -34,8 +34,9 @@ _TIED_HEAD = "lm_head.weight"
 
 def save_model(directory: str | os.PathLike, model: Transformer, tokenizer: Tokenizer,
                extra: dict[str, Any] | None = None,
-               state_dict: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write a model directory atomically (replacing an existing one only once complete).
+               state_dict: dict[str, torch.Tensor] | None = None, overwrite: bool = False) -> Path:
+    """Write a model directory atomically (see fsutil.atomic_directory: an existing non-empty
+    directory needs `overwrite`, and only the model's own files in it are replaced).
 
     `state_dict` overrides `model.state_dict()`: a distributed trainer passes the full,
     gathered state dict here (the model is then only used for its config).
@@ -45,10 +46,13 @@ def save_model(directory: str | os.PathLike, model: Transformer, tokenizer: Toke
         raise ScratchLMError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's "
                              f"vocab_size is {config.vocab_size}")
     tensors = _weights_to_save(state_dict if state_dict is not None else model.state_dict(), config)
-    with atomic_directory(directory) as tmp:
+    with atomic_directory(directory, overwrite, "model", commit_last=(CONFIG_FILE,)) as tmp:
         meta = {"format_version": FORMAT_VERSION, **config.to_dict(), "extra": extra or {}}
         atomic_write_json(tmp / CONFIG_FILE, meta)
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        try:
+            save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        except (SafetensorError, OSError) as exc:  # e.g. disk full: safetensors writes in Rust
+            raise ScratchLMError(f"cannot write {Path(directory) / WEIGHTS_FILE}: {exc}") from None
         tokenizer.save(tmp)
     return Path(directory)
 

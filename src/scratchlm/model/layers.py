@@ -93,6 +93,23 @@ def reference_attention(
     return torch.softmax(scores, dim=-1) @ v
 
 
+def document_attention(segment_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions, mask) for rows that pack several documents, from per-token segment ids (B, T).
+
+    A segment is a run of equal ids. Each token attends causally within its own segment only,
+    and positions restart at 0 where a segment starts, so every document in a packed row is
+    computed exactly as if it ran alone. mask is (B, 1, T, T), True = may attend.
+    """
+    b, t = segment_ids.shape
+    index = torch.arange(t, device=segment_ids.device)
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    segment_start = torch.where(starts, index, 0).cummax(dim=1).values
+    same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
+    causal = index[None, :, None] >= index[None, None, :]
+    return index - segment_start, (same_segment & causal)[:, None]
+
+
 def sdpa_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
     is_causal: bool, dropout_p: float = 0.0,
@@ -123,8 +140,10 @@ class CausalSelfAttention(nn.Module):
 
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-        kv_cache: KVCache | None = None,
+        kv_cache: KVCache | None = None, mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """`mask` (B, 1, T, T), True = may attend, replaces the plain causal pattern (packed
+        documents that must not see each other); with a KV cache the cache decides."""
         b, t, c = x.shape
         q, k, v = self.qkv(x).split(
             [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim,
@@ -137,7 +156,8 @@ class CausalSelfAttention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv_cache is None:
-            mask, is_causal = None, True  # plain causal: SDPA picks its fused causal kernels
+            # Plain causal (no mask) lets SDPA pick its fused causal kernels.
+            is_causal = mask is None
         else:
             k, v = kv_cache.store(self.layer_index, k, v)
             mask, is_causal = kv_cache.mask, kv_cache.is_causal
@@ -185,8 +205,8 @@ class Block(nn.Module):
 
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-        kv_cache: KVCache | None = None,
+        kv_cache: KVCache | None = None, mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.dropout(self.attn(self.attn_norm(x), rope, kv_cache))
+        x = x + self.dropout(self.attn(self.attn_norm(x), rope, kv_cache, mask))
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 

@@ -13,8 +13,11 @@ _SUFFIXES = {"": 1.0, "K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}
 
 
 def parse_quantity(text: str, what: str) -> float:
-    """"5.88e23", "124M", "1.4T", "70B" -> float."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([KMBGT]?)\s*", text, re.IGNORECASE)
+    """"5.88e23", "124M", "1.4T", "70B" -> float.
+
+    A sign is read too, so that "-5" reaches the caller's range check ("must be > 0") instead of
+    being reported as unreadable."""
+    match = re.fullmatch(r"\s*([+-]?[0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([KMBGT]?)\s*", text, re.IGNORECASE)
     if not match:
         raise ScratchLMError(f"{what}: cannot read {text!r} as a number (e.g. 5.9e23, 124M, 1.4T)")
     return float(match.group(1)) * _SUFFIXES[match.group(2).upper()]
@@ -33,11 +36,23 @@ def gib(n_bytes: float) -> str:
     return f"{n_bytes / 2**30:,.1f} GiB"
 
 
+def significant(x: float) -> str:
+    """Three significant figures, with thousands separators rather than an exponent for large
+    values: 0.00267, 2.67, 267, 2,670, 2,670,000 (tiny budgets no longer print as 0)."""
+    if abs(x) >= 100:
+        return f"{float(f'{x:.3g}'):,.0f}"
+    return f"{x:.3g}"
+
+
 def duration(seconds: float) -> str:
     for scale, unit in ((365 * 86400, "years"), (86400, "days"), (3600, "hours"), (60, "minutes")):
         if seconds >= scale:
             return f"{seconds / scale:,.1f} {unit}"
-    return f"{seconds:.0f} seconds"
+    return f"{significant(seconds)} seconds"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _rows(rows: list[tuple[str, str]]) -> str:
@@ -76,11 +91,11 @@ def plan_table(p: Plan) -> str:
                                        f"D = {human(p.fitted_tokens)} tokens, "
                                        f"loss {p.fitted_loss:.3f}"),
         ("training time", f"{duration(p.training_seconds)} on {p.gpus} x {p.gpu} at "
-                          f"{p.mfu:.0%} MFU ({p.training_seconds * p.gpus / 3600:,.0f} GPU-hours)"),
+                          f"{p.mfu:.0%} MFU ({significant(p.training_seconds * p.gpus / 3600)} GPU-hours)"),
     ]
     s = p.model_shape
-    shape = (f"{s.n_layers} layers x d_model {s.d_model}, {s.n_heads} heads, d_ff {s.d_ff}, "
-             f"vocab {s.vocab_size} ({human(count_params(s).total)} params)")
+    shape = (f"{_count(s.n_layers, 'layer')} x d_model {s.d_model}, {_count(s.n_heads, 'head')}, "
+             f"d_ff {s.d_ff}, vocab {s.vocab_size} ({human(count_params(s).total)} params)")
     header = (f"memory per GPU (micro-batch {p.micro_batch} x {p.seq_len}, "
               f"{'with' if p.activation_checkpointing else 'no'} activation checkpointing; "
               f"{p.gpu} has {gib(p.gpu_memory_bytes)}):")

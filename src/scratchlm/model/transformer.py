@@ -2,11 +2,12 @@
 
     model(idx)                  -> fp32 logits (B, T, vocab)
     model(idx, targets)         -> mean cross-entropy (targets == -1 are ignored)
+    model(idx, segment_ids=s)   -> documents packed in a row attend only within themselves
     model(idx, kv_cache=cache)  -> logits of the new tokens; the cache remembers them
     model.generate(idx, ...)    -> iterator over sampled token ids (uses the cache)
 
-Parallelism and activation checkpointing stay outside: the training stage wraps each
-element of `model.blocks` (FSDP2 `fully_shard`, `checkpoint_wrapper`).
+Parallelism, compilation and activation checkpointing stay outside: the training stage
+wraps each element of `model.blocks` (`checkpoint_wrapper`, compile, FSDP2 `fully_shard`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 
 from scratchlm.errors import ScratchLMError
 from scratchlm.model.config import ModelConfig
-from scratchlm.model.layers import Block, RMSNorm, make_norm, rope_tables
+from scratchlm.model.layers import Block, RMSNorm, document_attention, make_norm, rope_tables
 from scratchlm.model.sampling import check_sampling_args, sample_next_token
 
 
@@ -132,14 +133,23 @@ class Transformer(nn.Module):
 
     # ----------------------------------------------------------------------- forward
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                kv_cache: KVCache | None = None) -> torch.Tensor:
+                kv_cache: KVCache | None = None,
+                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """`segment_ids` (B, T): tokens with different ids (documents packed into one row) do
+        not attend to each other, and positions restart in each (see document_attention)."""
         t = idx.shape[1]
+        mask = None
         if kv_cache is None:
             if t > self.config.context_length:
                 raise ScratchLMError(
                     f"sequence of {t} tokens exceeds context_length {self.config.context_length}")
-            positions = torch.arange(t, device=idx.device)  # (T,), shared by the batch
+            if segment_ids is None:
+                positions = torch.arange(t, device=idx.device)  # (T,), shared by the batch
+            else:
+                positions, mask = document_attention(segment_ids)  # (B, T), per sequence
         else:
+            if segment_ids is not None:
+                raise ScratchLMError("segment_ids do not combine with a KV cache")
             if kv_cache.lengths.shape[0] != idx.shape[0]:
                 raise ScratchLMError(
                     f"batch of {idx.shape[0]} sequences for a KV cache of {kv_cache.lengths.shape[0]}")
@@ -152,7 +162,7 @@ class Transformer(nn.Module):
         rope = ((self.rope_cos[positions].unsqueeze(-3), self.rope_sin[positions].unsqueeze(-3))
                 if self.config.position == "rope" else None)
         for block in self.blocks:
-            x = block(x, rope, kv_cache)
+            x = block(x, rope, kv_cache, mask)
         if kv_cache is not None:
             kv_cache.advance(t)
         logits = self.lm_head(self.norm(x)).float()

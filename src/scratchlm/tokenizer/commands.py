@@ -3,24 +3,28 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Iterable, Iterator, TextIO
+from typing import Callable, Iterable, Iterator
 
 from scratchlm.errors import ScratchLMError
-from scratchlm.fsutil import atomic_directory
-from scratchlm.tokenizer.files import TOKENIZER_FILES
-from scratchlm.tokenizer.pretokenize import check_readable_inputs, holdout_start, pattern_regex
+from scratchlm.fsutil import atomic_directory, check_output_directory
+from scratchlm.sources import (DOC_MODES, Document, SourceStats, check_inputs, hash_fraction,
+                               iter_documents_from, looks_binary, non_text_fraction)
+from scratchlm.tokenizer.files import TOKENIZER_FILES, TOKENIZER_JSON
+from scratchlm.tokenizer.pretokenize import pattern_regex
 from scratchlm.tokenizer.tokenizer import ENDOFTEXT, Tokenizer
 from scratchlm.tokenizer.train import check_vocab_size, train_bpe
 
-# Compression is measured on the last 1% of the input (at most 1 MB, at most half the last
-# file), cut at a safe edge of the last file; training never sees those bytes.
+# Compression is measured on held-out documents: those whose hash (a coin independent of the
+# data stage's validation split) falls below HOLDOUT_FRACTION, up to HOLDOUT_MAX_BYTES.
+# Training never sees them.
 HOLDOUT_FRACTION = 0.01
 HOLDOUT_MAX_BYTES = 1 << 20
+_HOLDOUT_SALT = b"scratchlm-tok-ho"
 
 
 @dataclass(frozen=True)
@@ -29,31 +33,41 @@ class TrainSummary:
     vocab_size: int
     num_merges: int
     special_tokens: dict[str, int]
-    input_bytes: int
+    documents: int  # documents trained on
+    input_bytes: int  # UTF-8 bytes trained on
     seconds: float
-    heldout_bytes: int
-    heldout_tokens: int
+    heldout_documents: int
+    heldout_bytes: int  # UTF-8 bytes of the held-out documents
+    heldout_tokens: int  # their token count (ordinary text: no special tokens)
+    binary_documents: int = 0  # skipped: they look like binary data, not text
+    problems: tuple[str, ...] = ()  # invalid UTF-8 and malformed records met while reading
 
     @property
     def mb_per_s(self) -> float:
         return self.input_bytes / 1e6 / max(self.seconds, 1e-9)
 
     @property
-    def bytes_per_token(self) -> float:
-        return self.heldout_bytes / max(self.heldout_tokens, 1)
+    def bytes_per_token(self) -> float | None:
+        return self.heldout_bytes / self.heldout_tokens if self.heldout_tokens else None
 
     def describe(self) -> str:
-        compression = (
-            f"compression on {self.heldout_bytes:,} held-out bytes (tail of the last input): "
-            f"{self.bytes_per_token:.3f} bytes/token"
-            if self.heldout_bytes
-            else "compression: input too small to hold out a sample"
-        )
-        return (
+        if self.heldout_tokens:
+            compression = (f"compression on {self.heldout_documents} held-out document(s), "
+                           f"{self.heldout_bytes:,} bytes: {self.bytes_per_token:.3f} bytes/token")
+        else:
+            compression = (f"compression: no held-out document (one in {round(1 / HOLDOUT_FRACTION)} "
+                           f"is held out; this corpus has {self.documents})")
+        lines = [
             f"trained {self.vocab_size} tokens ({self.num_merges} merges, special tokens "
-            f"{self.special_tokens}) in {self.seconds:.2f} s, {self.mb_per_s:.2f} MB/s of input\n"
-            f"{compression}\nsaved to {self.out_dir}"
-        )
+            f"{self.special_tokens}) on {self.documents:,} document(s) in {self.seconds:.2f} s, "
+            f"{self.mb_per_s:.2f} MB/s of input",
+            compression,
+        ]
+        if self.binary_documents:
+            lines.append(f"skipped {self.binary_documents} document(s) that look like binary data, not text")
+        lines += list(self.problems)
+        lines.append(f"saved to {self.out_dir}")
+        return "\n".join(lines)
 
 
 def train_tokenizer(
@@ -64,56 +78,130 @@ def train_tokenizer(
     pattern: str = "gpt2",
     workers: int | None = None,
     progress: bool = False,
+    *,
+    max_mb: float | None = None,
+    text_field: str = "text",
+    doc_mode: str = "auto",
+    overwrite: bool = False,
+    exclude: Callable[[Document], bool] | None = None,
 ) -> TrainSummary:
-    """Train on `inputs` (minus a held-out tail), save to `out_dir` atomically, and summarise."""
-    files = check_readable_inputs(inputs)
+    """`scratchlm tokenizer train`: read `inputs` (files, directories, globs, `stdlib`) as
+    documents, skip binary ones, hold out a sample for the compression figure, train on the
+    rest, save to `out_dir` (atomically; a non-empty directory needs `overwrite`), summarise.
+
+    `max_mb` trains on a sample of about that many megabytes, taken round-robin across the
+    inputs so that every input is represented. `exclude(document)` leaves documents out (the
+    run leaves out what the data stage will hold out for validation).
+    """
+    specs = [str(i) for i in ([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs)]
+    check_inputs(specs)
     specials = check_vocab_size(vocab_size, [ENDOFTEXT] if special_tokens is None else special_tokens)
     pattern_regex(pattern)  # an unknown name fails before any work
-    total = sum(f.stat().st_size for f in files)
-    last_size = files[-1].stat().st_size
-    holdout = min(int(total * HOLDOUT_FRACTION), HOLDOUT_MAX_BYTES, last_size // 2)
-    heldout_from = holdout_start(files[-1], holdout, specials, pattern) if holdout else last_size
+    if max_mb is not None and not max_mb > 0:
+        raise ScratchLMError(f"max_mb must be > 0, got {max_mb}")
+    if doc_mode not in DOC_MODES:
+        raise ScratchLMError(f"doc_mode must be one of {', '.join(DOC_MODES)}, got {doc_mode!r}")
+    out_dir = check_output_directory(out_dir, overwrite, "tokenizer")
+
+    stats = [SourceStats(input=spec) for spec in specs]
+    streams = [iter_documents_from(spec, stats=spec_stats, text_field=text_field, doc_mode=doc_mode)
+               for spec, spec_stats in zip(specs, stats)]
+    documents = round_robin(streams) if max_mb is not None else itertools.chain.from_iterable(streams)
+    texts = (doc.text for doc in documents if exclude is None or not exclude(doc))
+    split = _HoldOut(int(max_mb * 1e6) if max_mb is not None else None)
 
     started = time.perf_counter()
-    num_merges = vocab_size - 256 - len(specials)
-    with _progress_bars(progress, total - (last_size - heldout_from), num_merges) as (on_bytes, on_merge):
-        vocab, merges = train_bpe(files, vocab_size, specials, pattern=pattern, workers=workers,
-                                  holdout_bytes=holdout, on_bytes=on_bytes, on_merge=on_merge)
+    with _progress_bars(progress, vocab_size - 256 - len(specials)) as (on_chars, on_merge):
+        try:
+            vocab, merges = train_bpe(split.training_texts(texts), vocab_size, specials, pattern=pattern,
+                                      workers=workers, on_chars=on_chars, on_merge=on_merge)
+        except ScratchLMError:
+            if split.documents:
+                raise
+            binary_files = [f for spec_stats in stats for f in spec_stats.binary_files]
+            raise ScratchLMError(split.why_no_text(", ".join(specs), binary_files)) from None
     tokenizer = Tokenizer(vocab, merges, specials, pattern=pattern)
     seconds = time.perf_counter() - started
 
-    heldout_text = _read_tail(files[-1], heldout_from)
-    heldout_ids = tokenizer.encode(heldout_text)
-    with atomic_directory(out_dir) as tmp:
+    heldout_tokens = sum(len(tokenizer.encode_ordinary(text)) for text in split.heldout)
+    with atomic_directory(out_dir, overwrite, "tokenizer", commit_last=(TOKENIZER_JSON,)) as tmp:
         tokenizer.save(tmp)
     return TrainSummary(
         out_dir=str(out_dir),
         vocab_size=tokenizer.vocab_size,
         num_merges=len(tokenizer.merges),
         special_tokens=tokenizer.special_tokens,
-        input_bytes=total,
+        documents=split.documents,
+        input_bytes=split.bytes,
         seconds=seconds,
-        heldout_bytes=len(heldout_text.encode("utf-8", errors="surrogateescape")),
-        heldout_tokens=len(heldout_ids),
+        heldout_documents=len(split.heldout),
+        heldout_bytes=split.heldout_bytes,
+        heldout_tokens=heldout_tokens,
+        binary_documents=split.binary,
+        problems=tuple(line for s in stats for line in s.problems()),
     )
 
 
-def _read_tail(path: Path, start: int) -> str:
-    with open(path, "rb") as f:
-        f.seek(start)
-        return f.read().decode("utf-8", errors="surrogateescape")
+class _HoldOut:
+    """Routes documents: binary ones skipped, a hashed sample held out, the rest to training."""
+
+    def __init__(self, max_bytes: int | None) -> None:
+        self.max_bytes = max_bytes
+        self.heldout: list[str] = []
+        self.heldout_bytes = 0
+        self.documents = self.bytes = self.binary = 0
+        self.worst_non_text = 0.0
+
+    def training_texts(self, texts: Iterable[str]) -> Iterator[str]:
+        for text in texts:
+            if looks_binary(text):
+                self.binary += 1
+                self.worst_non_text = max(self.worst_non_text, non_text_fraction(text))
+                continue
+            size = len(text.encode("utf-8"))
+            if (self.heldout_bytes < HOLDOUT_MAX_BYTES
+                    and hash_fraction(text, _HOLDOUT_SALT) < HOLDOUT_FRACTION):
+                self.heldout.append(text)
+                self.heldout_bytes += size
+                continue
+            self.documents += 1
+            self.bytes += size
+            yield text
+            if self.max_bytes is not None and self.bytes >= self.max_bytes:
+                return
+
+    def why_no_text(self, what: str, binary_files: list[str]) -> str:
+        if binary_files:
+            return f"no text to train on in {what}: binary data, not text: {', '.join(binary_files[:3])}"
+        if self.binary:
+            return (f"no text to train on in {what}: {self.binary} document(s) look like binary data "
+                    f"({self.worst_non_text:.0%} of their characters are invalid UTF-8 or control "
+                    f"characters), not text")
+        return f"no text to train on in {what} (empty, or only held-out documents)"
+
+
+def round_robin(streams: list[Iterator]) -> Iterator:
+    """One item from each stream in turn, until all are exhausted."""
+    streams = [iter(s) for s in streams]
+    while streams:
+        for stream in list(streams):
+            item = next(stream, None)
+            if item is None:
+                streams.remove(stream)
+            else:
+                yield item
 
 
 @contextlib.contextmanager
-def _progress_bars(enabled: bool, total_bytes: int, total_merges: int):
-    """tqdm bars on stderr, one per phase (bytes pre-tokenized, then merges learned);
-    yields the (on_bytes, on_merge) callbacks for train_bpe, or Nones when disabled."""
+def _progress_bars(enabled: bool, total_merges: int):
+    """tqdm bars on stderr, one per phase (characters pre-tokenized, then merges learned);
+    yields the (on_chars, on_merge) callbacks for train_bpe, or Nones when disabled."""
     if not enabled:
         yield None, None
         return
     from tqdm import tqdm
 
-    bars = [tqdm(total=total_bytes, unit="B", unit_scale=True, desc="pre-tokenize", file=sys.stderr)]
+    bars = [tqdm(unit="char", unit_scale=True, desc="pre-tokenize", file=sys.stderr)]
 
     def on_merge() -> None:
         if len(bars) == 1:  # first merge: counting is done
@@ -128,9 +216,14 @@ def _progress_bars(enabled: bool, total_bytes: int, total_merges: int):
             bar.close()
 
 
-def encode_text(tokenizer_dir: str | os.PathLike, source: TextIO) -> Iterator[int]:
-    """Ids of everything read from `source`, streamed with bounded memory."""
-    return Tokenizer.load(tokenizer_dir).encode_iterable(source)
+def encode_text(tokenizer_dir: str | os.PathLike, source: Iterable[str],
+                allow_special: bool = False) -> Iterator[int]:
+    """Ids of everything read from `source` as ordinary text, streamed with bounded memory;
+    with `allow_special`, special-token strings become their ids (read whole, then)."""
+    tokenizer = Tokenizer.load(tokenizer_dir)
+    if allow_special:
+        return iter(tokenizer.encode("".join(source), allowed_special="all"))
+    return tokenizer.encode_iterable(source)
 
 
 def decode_ids(tokenizer_dir: str | os.PathLike, ids_text: Iterable[str]) -> str:

@@ -87,6 +87,14 @@ def load_tokenizer(directory: str | os.PathLike):
         raise ScratchLMError(f"corrupt tokenizer in {directory}: {exc}") from None
     if tokenizer.special_tokens != settings["special_tokens"] or tokenizer.vocab_size != settings["vocab_size"]:
         raise ScratchLMError(f"{settings_path}: special token ids do not match {VOCAB_TXT}")
+    # A merges.txt cut at a line boundary still parses, and would silently encode differently:
+    # the fingerprint saved with the files says whether they are the ones that were saved.
+    if settings.get("num_merges", len(merges)) != len(merges):
+        raise ScratchLMError(f"corrupt tokenizer in {directory}: {MERGES_TXT} has {len(merges)} merges, "
+                             f"{TOKENIZER_JSON} says {settings['num_merges']} (truncated or edited?)")
+    if "fingerprint" in settings and settings["fingerprint"] != tokenizer.fingerprint():
+        raise ScratchLMError(f"corrupt tokenizer in {directory}: its files do not match the fingerprint "
+                             f"saved in {TOKENIZER_JSON} (edited or truncated {VOCAB_TXT}/{MERGES_TXT}?)")
     return tokenizer
 
 

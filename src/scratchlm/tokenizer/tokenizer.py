@@ -6,7 +6,8 @@ Two encoders produce the same ids:
 - the fast path, tiktoken's Rust BPE built from our own ranks and pattern (no download).
 tiktoken ranks a token by its id, so it is used when the ids of the merged tokens grow in merge
 order (true for what we train and for GPT-2); otherwise the reference encoder runs.
-Special tokens are split out here, longest first, before either encoder sees the text.
+Special tokens the caller allows are split out here, longest first, before either encoder
+sees the text; by default there are none (text is ordinary text, see `Tokenizer.encode`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from scratchlm.tokenizer.pretokenize import (
     pattern_regex,
     special_token_regex,
     split_on_special_tokens,
+    utf8_bytes,
 )
 
 ENDOFTEXT = "<|endoftext|>"
@@ -72,7 +74,7 @@ class Tokenizer:
             self._pair_merges.setdefault(pair, (rank, self._ranks[left + right]))
         merged_ids = [self._ranks[left + right] for left, right in self.merges]
         self.fast_path_available = all(x < y for x, y in zip(merged_ids, merged_ids[1:]))
-        self._special_regex = special_token_regex(self.special_tokens)
+        self._special_regexes: dict = {}  # allowed_special -> regex, built on first use
         self._pretokenizer = regex.compile(self._pattern_regex)
         self._tiktoken = None
         self._cache: dict[str, list[int]] = {}
@@ -149,23 +151,48 @@ class Tokenizer:
                 f"pattern={self.pattern!r}, special_tokens={list(self.special_tokens)})")
 
     # ------------------------------------------------------------------ encoding
-    def encode(self, text: str) -> list[int]:
-        """Token ids of `text`; registered special tokens in it become their ids."""
-        if self.fast_path_available:
-            return self._encode(text, self._tiktoken_encoding().encode_ordinary)
-        return self._encode(text, self.encode_reference_ordinary)
+    def encode(self, text: str, allowed_special: str | Iterable[str] = ()) -> list[int]:
+        """Token ids of `text`, which is ordinary text unless told otherwise.
 
-    def encode_reference(self, text: str) -> list[int]:
+        The string of a special token inside `text` is encoded like any other text, unless
+        the token is in `allowed_special` ("all": every registered special token). Text from
+        data or from users is never given special tokens: a web page must not be able to forge
+        a document boundary (or, once chat tokens exist, a turn). The code that assembles
+        sequences appends special ids itself (as tiktoken's `encode_ordinary` /
+        `allowed_special` split it).
+        """
+        encode_ordinary = (self._tiktoken_encoding().encode_ordinary if self.fast_path_available
+                           else self.encode_reference_ordinary)
+        return self._encode(text, encode_ordinary, allowed_special)
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        """Token ids of `text` with no special tokens recognised (same as `encode(text)`)."""
+        return self.encode(text)
+
+    def encode_reference(self, text: str, allowed_special: str | Iterable[str] = ()) -> list[int]:
         """`encode` with the pure-Python encoder, whatever the fast path does (for testing)."""
-        return self._encode(text, self.encode_reference_ordinary)
+        return self._encode(text, self.encode_reference_ordinary, allowed_special)
 
-    def _encode(self, text: str, encode_ordinary: Callable[[str], list[int]]) -> list[int]:
-        # Most text holds no special token: a substring test (memchr-fast) finds that out, and
-        # the encoder's list is returned as is, with no regex pass and no copy.
-        if self._special_regex is None or not any(t in text for t in self.special_tokens):
+    def _special_regex_for(self, allowed_special: str | Iterable[str]):
+        """The regex that finds the allowed special tokens (None when none are allowed)."""
+        key = allowed_special if isinstance(allowed_special, str) else frozenset(allowed_special)
+        if key not in self._special_regexes:
+            allowed = set(self.special_tokens) if key == "all" else ({key} if isinstance(key, str) else set(key))
+            unknown = sorted(allowed - set(self.special_tokens))
+            if unknown:
+                raise ScratchLMError(f"not a special token of this tokenizer: {unknown[0]!r} "
+                                     f"(it has {', '.join(self.special_tokens) or 'none'})")
+            self._special_regexes[key] = special_token_regex(allowed)
+        return self._special_regexes[key]
+
+    def _encode(self, text: str, encode_ordinary: Callable[[str], list[int]],
+                allowed_special: str | Iterable[str]) -> list[int]:
+        specials = self._special_regex_for(allowed_special) if allowed_special else None
+        # Most text holds no special token: then the encoder's list is returned as is.
+        if specials is None or not specials.search(text):
             return encode_ordinary(text)
         ids: list[int] = []
-        for piece, is_special in split_on_special_tokens(text, self._special_regex):
+        for piece, is_special in split_on_special_tokens(text, specials):
             if is_special:
                 ids.append(self.special_tokens[piece])
             else:
@@ -179,7 +206,7 @@ class Tokenizer:
         for word in self._pretokenizer.findall(text):
             word_ids = cache.get(word)
             if word_ids is None:
-                word_ids = self._bpe(_utf8(word))
+                word_ids = self._bpe(utf8_bytes(word))
                 if len(cache) >= _REFERENCE_CACHE_LIMIT:
                     cache.clear()
                 cache[word] = word_ids
@@ -225,8 +252,8 @@ class Tokenizer:
 
         Text is buffered and encoded in pieces cut only at edges that leave the pre-tokens
         unchanged (see pretokenize.find_safe_edge), so the ids equal those of
-        encode("".join(iterable)); only text with no such edge for MAX_PENDING_CHARS characters
-        is cut elsewhere, and special tokens must not contain a newline.
+        encode("".join(iterable)) (ordinary text: no special tokens); only text with no such
+        edge for MAX_PENDING_CHARS characters is cut elsewhere.
         """
         pending: list[str] = []
         size = 0
@@ -277,10 +304,17 @@ class Tokenizer:
         pattern: str = "gpt2",
         workers: int | None = None,
     ) -> "Tokenizer":
+        """Train on the documents of `inputs`: files, directories, globs or `stdlib`, read as
+        every command reads them (scratchlm.sources). `tokenizer.commands.train_tokenizer`
+        adds held-out compression, progress and saving."""
+        from scratchlm.sources import check_inputs, iter_documents
         from scratchlm.tokenizer.train import train_bpe
 
+        specs = [str(inputs)] if isinstance(inputs, (str, os.PathLike)) else [str(i) for i in inputs]
+        check_inputs(specs)
         special_tokens = [special_tokens] if isinstance(special_tokens, str) else list(special_tokens)
-        vocab, merges = train_bpe(inputs, vocab_size, special_tokens, pattern=pattern, workers=workers)
+        texts = (doc.text for doc in iter_documents(specs))
+        vocab, merges = train_bpe(texts, vocab_size, special_tokens, pattern=pattern, workers=workers)
         return cls(vocab, merges, special_tokens, pattern=pattern)
 
     def save(self, directory: str | os.PathLike) -> None:
@@ -301,10 +335,3 @@ class Tokenizer:
         vocab, merges = read_gpt2_files(encoder_json, vocab_bpe)
         return cls(vocab, merges, [ENDOFTEXT], pattern="gpt2")
 
-
-def _utf8(word: str) -> bytes:
-    try:
-        return word.encode("utf-8")
-    except UnicodeEncodeError:
-        # Lone surrogates cannot be UTF-8; like tiktoken, encode them as U+FFFD.
-        return word.encode("utf-16", "surrogatepass").decode("utf-16", "replace").encode("utf-8")

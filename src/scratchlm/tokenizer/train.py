@@ -12,12 +12,11 @@ only touches the words holding the merged pair, so late merges (rare pairs) are 
 from __future__ import annotations
 
 import heapq
-import os
 from collections import defaultdict
 from typing import Callable, Iterable
 
 from scratchlm.errors import ScratchLMError
-from scratchlm.tokenizer.pretokenize import check_readable_inputs, count_pretokens, holdout_start, pattern_regex
+from scratchlm.tokenizer.pretokenize import count_pretokens, pattern_regex
 
 # heapq is a min-heap; to pop the greatest pair of byte strings first on equal counts, each
 # token gets a key that sorts in the opposite order: every byte b becomes chr(256 - b) and a
@@ -130,36 +129,32 @@ def bpe_merges(
 
 
 def train_bpe(
-    input_path: str | os.PathLike | Iterable[str | os.PathLike],
+    texts: Iterable[str],
     vocab_size: int,
     special_tokens: Iterable[str] = ("<|endoftext|>",),
     pattern: str = "gpt2",
     workers: int | None = None,
     *,
-    holdout_bytes: int = 0,
-    on_bytes: Callable[[int], None] | None = None,
+    on_chars: Callable[[int], None] | None = None,
     on_merge: Callable[[], None] | None = None,
 ) -> tuple[dict[int, bytes], list[tuple[bytes, bytes]]]:
-    """Train byte-level BPE on one or more text files.
+    """Train byte-level BPE on documents (strings; see `Tokenizer.train` for files).
 
     Returns (vocab, merges): vocab maps id -> bytes with the 256 bytes at ids 0..255, the merged
     tokens after them in the order learned, then the special tokens (as UTF-8); merges lists the
     (left, right) byte pairs in merge order. `vocab_size` counts the special tokens. A corpus too
-    small to fill the vocabulary yields a smaller one. `holdout_bytes` leaves about that many bytes
-    at the end of the last file out of training (see `holdout_start`). `on_bytes`/`on_merge`
-    report progress.
+    small to fill the vocabulary yields a smaller one. No merge spans two documents, and the
+    text of a special token inside a document is ordinary text. `on_chars`/`on_merge` report
+    progress.
     """
-    paths = [input_path] if isinstance(input_path, (str, os.PathLike)) else list(input_path)
-    files = check_readable_inputs(paths)
+    if isinstance(texts, str):
+        raise ScratchLMError("train_bpe takes an iterable of documents, not one string "
+                             "(wrap it in a list)")
     specials = check_vocab_size(vocab_size, special_tokens)
     pattern_regex(pattern)  # an unknown name fails before any work
-    try:
-        end = holdout_start(files[-1], holdout_bytes, specials, pattern) if holdout_bytes else None
-        word_counts = count_pretokens(files, specials, pattern, workers, on_progress=on_bytes, last_file_end=end)
-    except OSError as exc:
-        raise ScratchLMError(f"cannot read input {exc.filename}: {exc.strerror}") from None
+    word_counts = count_pretokens(texts, pattern, workers, on_progress=on_chars)
     if not word_counts:
-        raise ScratchLMError(f"no text to train on in {', '.join(map(str, files))} (only special tokens?)")
+        raise ScratchLMError("no text to train on")
     token_bytes, merge_ids = bpe_merges(word_counts, vocab_size - 256 - len(specials), on_merge)
     vocab = dict(enumerate(token_bytes))
     for token in specials:

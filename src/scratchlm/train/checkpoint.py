@@ -143,7 +143,10 @@ def gather_full_weights(model: nn.Module, ctx: DistContext) -> dict[str, torch.T
 
 
 def prune_checkpoints(root: Path, keep: int) -> None:
-    """Keep the newest `keep` checkpoints plus the one with the best validation loss."""
+    """Keep the newest `keep` checkpoints plus the one with the best validation loss; remove
+    what killed saves left behind (the hidden temporary directories of checkpoints)."""
+    for stale in root.glob(f".{_PREFIX}*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
     found = list_checkpoints(root)
     keep_set = set(found[-keep:])
     best = best_checkpoint(root)

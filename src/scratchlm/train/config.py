@@ -22,30 +22,35 @@ from typing import Any
 from scratchlm.errors import ScratchLMError
 
 
+def option(default: Any, help: str) -> Any:
+    """A config field with its help text (shown by `scratchlm train --help`)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class ModelSection:
-    """A preset plus optional overrides of its fields (None keeps the preset's value).
+    """A preset plus optional overrides of its fields (null keeps the preset's value).
 
     vocab_size is not here: it always comes from the tokenizer, so the two cannot disagree.
     """
 
-    preset: str = "tiny"
-    init_from: str | None = None  # a model directory to continue from (its config wins)
-    context_length: int | None = None
-    d_model: int | None = None
-    n_layers: int | None = None
-    n_heads: int | None = None
-    n_kv_heads: int | None = None
-    d_ff: int | None = None
-    norm: str | None = None
-    norm_eps: float | None = None
-    position: str | None = None
-    rope_theta: float | None = None
-    mlp: str | None = None
-    bias: bool | None = None
-    tie_embeddings: bool | None = None
-    qk_norm: bool | None = None
-    dropout: float | None = None
+    preset: str = option("tiny", "model preset (see `scratchlm model info PRESET`)")
+    init_from: str | None = option(None, "a model directory to continue from (its config wins)")
+    context_length: int | None = option(None, "tokens of context")
+    d_model: int | None = option(None, "width of the residual stream")
+    n_layers: int | None = option(None, "transformer blocks")
+    n_heads: int | None = option(None, "attention (query) heads")
+    n_kv_heads: int | None = option(None, "key/value heads (fewer than n_heads: grouped-query attention)")
+    d_ff: int | None = option(None, "hidden width of the MLP")
+    norm: str | None = option(None, "layernorm or rmsnorm")
+    norm_eps: float | None = option(None, "epsilon of the norms")
+    position: str | None = option(None, "learned (GPT-2) or rope (Llama)")
+    rope_theta: float | None = option(None, "RoPE base frequency")
+    mlp: str | None = option(None, "gelu (GPT-2) or swiglu (Llama)")
+    bias: bool | None = option(None, "biases in linear layers and norms")
+    tie_embeddings: bool | None = option(None, "the output head reuses the token embedding")
+    qk_norm: bool | None = option(None, "normalise queries and keys per head")
+    dropout: float | None = option(None, "dropout probability")
 
     def overrides(self) -> dict[str, Any]:
         """The ModelConfig fields this section sets explicitly."""
@@ -55,60 +60,62 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    dir: str = ""  # a directory written by `scratchlm data prepare`
-    tokenizer: str | None = None  # tokenizer directory; None: the one in model.init_from
-    packing: str = "stream"  # "stream" (concatenate documents) or "document"
+    dir: str = option("", "a data directory written by `scratchlm data prepare` (required)")
+    tokenizer: str | None = option(None, "tokenizer directory (null: the one in model.init_from)")
+    packing: str = option("stream", "stream (consecutive windows) or document (best-fit rows "
+                                     "starting at documents)")
+    document_mask: bool = option(False, "attention stays within each document of a row, "
+                                        "positions restart at each")
 
 
 @dataclass
 class OptimizerSection:
-    name: str = "adamw"  # "adamw" (written here), "torch-adamw" (torch's fused, GPU) or "muon"
-    lr: float = 3e-4  # peak learning rate (for muon: of the AdamW-handled parameters)
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
-    muon_lr: float = 0.02
-    muon_momentum: float = 0.95
-    muon_ns_steps: int = 5
+    name: str = option("adamw", "adamw (written here), torch-adamw (torch's fused kernel) or muon")
+    lr: float = option(3e-4, "peak learning rate (of every parameter group, Muon's too)")
+    beta1: float = option(0.9, "Adam's first-moment decay")
+    beta2: float = option(0.95, "Adam's second-moment decay")
+    eps: float = option(1e-8, "Adam's epsilon")
+    weight_decay: float = option(0.1, "decoupled weight decay of the matrices")
+    grad_clip: float = option(1.0, "max global gradient norm; 0 disables clipping")
+    muon_momentum: float = option(0.95, "Muon's Nesterov momentum")
+    muon_ns_steps: int = option(5, "Muon's Newton-Schulz iterations")
 
 
 @dataclass
 class ScheduleSection:
-    kind: str = "cosine"  # "cosine" (warmup, cosine to min_lr) or "wsd" (warmup-stable-decay)
-    warmup_steps: int = 100
-    min_lr_ratio: float = 0.1  # min_lr = lr * min_lr_ratio
-    decay_fraction: float = 0.2  # wsd only: final share of the budget spent decaying
+    kind: str = option("cosine", "cosine (warmup, cosine to min_lr) or wsd (warmup-stable-decay)")
+    warmup_steps: int = option(100, "linear warmup steps")
+    min_lr_ratio: float = option(0.1, "min_lr = lr x min_lr_ratio")
+    decay_fraction: float = option(0.2, "wsd only: final share of the budget spent decaying")
 
 
 @dataclass
 class RunSection:
     # Budget: any of the three; the run stops at whichever is reached first and the LR
     # schedule follows the same "fraction of budget used" (see schedule.py).
-    max_steps: int | None = None
-    max_tokens: int | None = None
-    max_minutes: float | None = None
-    global_batch_tokens: int = 65536  # tokens per optimizer step, across all processes
-    micro_batch_size: int = 8  # sequences per forward pass per process
-    seed: int = 1337
-    device: str = "auto"  # auto (cuda > mps > cpu), cuda, mps, cpu
-    dtype: str = "auto"  # auto (bf16 on CUDA when supported, else fp32), fp32, bf16, fp16
-    compile: bool = False
-    activation_checkpointing: bool = False
-    distributed: str = "ddp"  # under torchrun with >1 process: "ddp" or "fsdp"
-    threads: int | None = None  # torch CPU threads; fixed for bit-exact CPU resume
-    eval_every: int = 200  # steps; 0: only at the end
-    eval_batches: int = 20
-    sample_tokens: int = 64  # tokens generated at each evaluation; 0 disables samples
-    sample_prompt: str = "\n"
-    checkpoint_every: int = 500  # steps; 0: no step-based checkpoints
-    checkpoint_minutes: float | None = 30.0  # also checkpoint after this much wall time
-    keep_checkpoints: int = 3  # the last K are kept, plus the best by validation loss
-    max_bad_steps: int = 10  # consecutive non-finite steps before the run stops
-    log_every: int = 10
-    progress: bool = True  # tqdm bar on stderr
-    tensorboard: bool = True  # write TensorBoard events when tensorboard is installed
+    max_steps: int | None = option(None, "budget in optimizer steps")
+    max_tokens: int | None = option(None, "budget in tokens")
+    max_minutes: float | None = option(None, "budget in wall-clock minutes")
+    global_batch_tokens: int = option(65536, "tokens per optimizer step, across all processes")
+    micro_batch_size: int = option(8, "sequences per forward pass per process")
+    seed: int = option(1337, "seed of weights, data order and dropout")
+    device: str = option("auto", "auto (cuda > mps > cpu), cuda, mps or cpu")
+    dtype: str = option("auto", "auto (bf16 on CUDA when supported, else fp32), fp32, bf16 or fp16")
+    compile: bool = option(False, "torch.compile each transformer block")
+    activation_checkpointing: bool = option(False, "recompute activations in the backward pass")
+    distributed: str = option("ddp", "under torchrun with >1 process: ddp or fsdp")
+    threads: int | None = option(None, "torch CPU threads (fixed for bit-exact CPU resume)")
+    eval_every: int = option(200, "steps between evaluations; 0: only at the end")
+    eval_batches: int = option(20, "validation batches per evaluation; 0: the whole val split")
+    sample_tokens: int = option(64, "tokens generated at each evaluation; 0 disables samples")
+    sample_prompt: str = option("\n", "prompt of those samples")
+    checkpoint_every: int = option(500, "steps between checkpoints; 0: none by steps")
+    checkpoint_minutes: float | None = option(30.0, "also checkpoint after this much wall time")
+    keep_checkpoints: int = option(3, "the last K checkpoints are kept, plus the best by val loss")
+    max_bad_steps: int = option(10, "consecutive non-finite steps before the run stops")
+    log_every: int = option(10, "steps between metric records")
+    progress: bool = option(True, "progress bar on stderr")
+    tensorboard: bool = option(True, "write TensorBoard events when tensorboard is installed")
 
 
 @dataclass
@@ -135,13 +142,15 @@ class TrainConfig:
         _choose("run.distributed", run.distributed, ("ddp", "fsdp"))
         _choose("data.packing", self.data.packing, ("stream", "document"))
         for name in ("run.max_steps", "run.max_tokens", "run.max_minutes",
-                     "run.global_batch_tokens", "run.micro_batch_size", "run.eval_batches",
+                     "run.global_batch_tokens", "run.micro_batch_size",
                      "run.keep_checkpoints", "run.max_bad_steps", "run.log_every",
                      "run.threads", "run.checkpoint_minutes", "optimizer.lr"):
             section, key = name.split(".")
             value = getattr(getattr(self, section), key)
             if value is not None and not value > 0:
                 raise ScratchLMError(f"config field {name}: must be > 0, got {value!r}")
+        if run.eval_batches < 0:
+            raise ScratchLMError(f"config field run.eval_batches: must be >= 0, got {run.eval_batches!r}")
         if not 0.0 <= sched.min_lr_ratio <= 1.0:
             raise ScratchLMError(f"config field schedule.min_lr_ratio: must be in [0, 1], "
                                  f"got {sched.min_lr_ratio!r}")
@@ -158,6 +167,19 @@ SECTIONS: dict[str, type] = typing.get_type_hints(TrainConfig)
 def field_types(section: str) -> dict[str, Any]:
     """Declared type of every key of one section (used for parsing and for the CLI)."""
     return typing.get_type_hints(SECTIONS[section])
+
+
+def field_help(section: str) -> dict[str, tuple[str, Any]]:
+    """(help text, default) of every key of one section, for the CLI."""
+    return {f.name: (f.metadata.get("help", ""), f.default) for f in dataclasses.fields(SECTIONS[section])}
+
+
+def type_name(type_: Any) -> str:
+    """INT, FLOAT, BOOL, TEXT; `|null` when the field may be null."""
+    names = {int: "INT", float: "FLOAT", bool: "BOOL", str: "TEXT"}
+    members = _members(type_)
+    shown = "|".join(names.get(m, "null") for m in members if m is not type(None))
+    return shown + ("|null" if type(None) in members else "")
 
 
 def load_train_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()
@@ -210,7 +232,10 @@ def parse_value(text: str, type_: Any, where: str) -> Any:
     """Turn a command-line string into a value of `type_` (strings stay verbatim)."""
     import yaml
 
-    if str in _members(type_) and text.lower() not in ("null", "none", "~"):
+    members = _members(type_)
+    if text.strip().lower() in ("null", "none", "~"):
+        return _coerce(None, type_, where)
+    if str in members:
         return text
     return _coerce(yaml.safe_load(text) if text.strip() else None, type_, where)
 

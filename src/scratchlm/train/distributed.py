@@ -1,4 +1,4 @@
-"""One process or many: torchrun detection, device choice, DDP / FSDP2 wrapping, small collectives.
+"""One process or many: torchrun detection, device choice, `parallelize`, small collectives.
 
 Scale-out is PyTorch's own: torchrun starts one process per device and sets RANK,
 LOCAL_RANK and WORLD_SIZE (plus the rendezvous address for multi-node); we call
@@ -76,13 +76,36 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
-def wrap_model(model: nn.Module, ctx: DistContext, mode: str) -> nn.Module:
-    """DDP: replicate, all-reduce gradients. FSDP2: shard parameters, gradients and optimizer
-    state across processes, each block as its own unit (so only one block's full weights
-    exist at a time), then the root for the embeddings and head."""
+def parallelize(model: nn.Module, ctx: DistContext, *, activation_checkpointing: bool = False,
+                compile: bool = False, distributed: str = "ddp") -> nn.Module:
+    """Prepare a freshly built model for training, in one place and in torchtitan's order:
+
+    1. activation checkpointing: each block recomputes its activations in the backward pass
+       instead of storing them (about a third more compute for memory that no longer grows
+       with depth), through torch's own `checkpoint_wrapper`;
+    2. compilation, per block: the wrapped block is compiled, so recomputation happens in
+       compiled code, and every block shares one compiled graph (same shapes), which keeps
+       compile time flat in depth and composes with FSDP2's per-block hooks;
+    3. data parallelism: FSDP2 shards each block as its own unit (only one block's full
+       weights exist at a time), then the root for the embeddings and head; or DDP
+       replicates the whole model and all-reduces gradients.
+
+    Blocks are replaced in `model.blocks` (state-dict names do not change: the wrapper strips
+    its prefix and `Module.compile` keeps the module). Returns the module the training step
+    calls: `model` itself, or its DDP wrapper. The optimizer, checkpoints and generation use
+    `model` (FSDP2 shards its parameters in place).
+    """
+    if activation_checkpointing:
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+        for i, block in enumerate(model.blocks):
+            model.blocks[i] = checkpoint_wrapper(block)
+    if compile:
+        for block in model.blocks:
+            block.compile()
     if not ctx.enabled:
         return model
-    if mode == "fsdp":
+    if distributed == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
@@ -95,6 +118,15 @@ def wrap_model(model: nn.Module, ctx: DistContext, mode: str) -> nn.Module:
 
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=device_ids)
+
+
+def eager(compiled: bool) -> contextlib.AbstractContextManager:
+    """Run compiled blocks as plain Python (generation mid-training: a KV cache changes shapes
+    every token, which would recompile the blocks over and over)."""
+    set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
+    if not compiled or set_stance is None:
+        return contextlib.nullcontext()
+    return set_stance("force_eager")
 
 
 @contextlib.contextmanager

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import shutil
 import signal
 import sys
 import threading
@@ -23,16 +24,16 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from scratchlm.errors import ScratchLMError
-from scratchlm.fsutil import atomic_write_json, atomic_write_text
+from scratchlm.fsutil import atomic_write_json, atomic_write_text, check_output_directory
 from scratchlm.train import checkpoint as ckpt
 from scratchlm.train.config import TrainConfig, dump_config_yaml
+from scratchlm.train.bpb import bits_per_byte, loss_per_token, score_sums
 from scratchlm.train.distributed import (DistContext, all_reduce_max, all_reduce_sum,
-                                         check_same_on_all_ranks, gradient_sync,
-                                         init_distributed, shutdown_distributed, wrap_model)
+                                         check_same_on_all_ranks, eager, gradient_sync,
+                                         init_distributed, parallelize, shutdown_distributed)
 from scratchlm.train.metrics import (LOSS_PLOT, METRICS_FILE, MetricsLog,
                                      model_flops_utilization, peak_flops, plot_loss)
 from scratchlm.train.optim import build_optimizer, clip_grad_norm_, set_lr
@@ -42,57 +43,86 @@ CHECKPOINTS = "checkpoints"
 FINAL = "final"
 
 
-def train(config: TrainConfig, out_dir: str | Path, resume: bool = False) -> dict[str, Any]:
-    """Train per `config` into `out_dir`; with resume=True continue from the latest
-    checkpoint there (a fresh start when there is none). Returns the run summary."""
+def train(config: TrainConfig, out_dir: str | Path, resume: bool = False, *, overwrite: bool = False,
+          clock: Callable[[], float] = time.monotonic) -> dict[str, Any]:
+    """Train per `config` into `out_dir`; returns the run summary.
+
+    resume=True continues from the latest checkpoint there (a fresh start when there is none);
+    if the budget changed since, the learning-rate schedule is re-planned for the new budget
+    (see `Trainer._restore`). A directory holding anything but a training run needs
+    overwrite=True (only the run's own files are written there); with overwrite and without
+    resume, an earlier run's checkpoints, metrics and final model in it are replaced.
+    `clock` (seconds, monotonic) measures the time budget: tests drive it by hand.
+    """
     config.validate()
+    out_dir = check_run_directory(Path(out_dir), resume, overwrite)
     owns_group = not torch.distributed.is_initialized()
     threads = torch.get_num_threads()
     ctx = init_distributed(config.run.device)
     try:
-        return Trainer(config, Path(out_dir), ctx).run(resume)
+        return Trainer(config, out_dir, ctx, clock).run(resume)
     finally:
         torch.set_num_threads(threads)  # run.threads is for this run, not the caller
         if owns_group:
             shutdown_distributed()
 
 
+# Files a training run writes into its directory (`--overwrite` replaces these, nothing else).
+RUN_FILES = ("config.yaml", METRICS_FILE, LOSS_PLOT, "summary.json", "tensorboard", CHECKPOINTS, FINAL)
+
+
+def check_run_directory(out_dir: Path, resume: bool, overwrite: bool) -> Path:
+    """Refuse a directory that holds anything but a training run unless `overwrite`; with
+    `overwrite` and no `resume`, remove an earlier run's files to start over."""
+    out_dir = check_output_directory(out_dir, overwrite=True, what="training run")
+    foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in RUN_FILES) if out_dir.is_dir() else []
+    if foreign and not overwrite:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise ScratchLMError(f"{out_dir} holds files that are not a training run ({shown}); use "
+                             f"--overwrite to train into it anyway (they are kept), or another --out")
+    if overwrite and not resume and out_dir.is_dir():
+        for name in RUN_FILES:
+            path = out_dir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    return out_dir
+
+
 # --------------------------------------------------------------------------- one step
-def accumulate_gradients(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
+def accumulate_gradients(model: nn.Module, batches: list[tuple[torch.Tensor, ...]],
                          autocast: Callable[[], contextlib.AbstractContextManager],
-                         scaler: torch.amp.GradScaler) -> torch.Tensor:
+                         scaler: torch.amp.GradScaler, device: torch.device) -> torch.Tensor:
     """Forward and backward over the micro-batches of one step; return their mean loss.
 
-    Each micro-loss is divided by the number of micro-batches so the summed gradients equal
-    those of one big batch's mean loss. Gradient all-reduce happens on the last one only.
+    A batch is (x, y) or (x, y, segment_ids); targets -1 are padding. Each micro-batch's mean
+    loss is weighted by its share of the step's targets, so the summed gradients equal those
+    of the mean loss over all the step's targets (padding spreads unevenly over micro-batches).
+    Gradient all-reduce happens on the last micro-batch only.
     """
-    total = torch.zeros((), device=batches[0][0].device)
-    for i, (x, y) in enumerate(batches):
+    counts = [int((batch[1] >= 0).sum()) for batch in batches]  # on the CPU: no device sync
+    total_targets = max(sum(counts), 1)
+    total = torch.zeros((), device=device)
+    for i, (batch, count) in enumerate(zip(batches, counts)):
+        x, y, *segments = (t.to(device, non_blocking=True) for t in batch)
         with gradient_sync(model, sync=i == len(batches) - 1):
             with autocast():
-                loss = model(x, y)
-            scaler.scale(loss / len(batches)).backward()
-        total += loss.detach()
-    return total / len(batches)
-
-
-def enable_activation_checkpointing(model: nn.Module) -> None:
-    """Recompute each block's activations in the backward pass instead of storing them:
-    about a third more compute for memory that no longer grows with depth."""
-    from torch.utils.checkpoint import checkpoint
-
-    for block in model.blocks:
-        def forward(x, rope=None, kv_cache=None, _forward=block.forward):
-            if kv_cache is not None or not torch.is_grad_enabled():
-                return _forward(x, rope, kv_cache)  # generation: nothing to save
-            return checkpoint(_forward, x, rope, None, use_reentrant=False)
-        block.forward = forward
+                loss = model(x, y, segment_ids=segments[0] if segments else None)
+            if count:
+                weighted = loss * (count / total_targets)
+                scaler.scale(weighted).backward()
+                total += weighted.detach()
+            else:  # an all-padding micro-batch: no gradient, but DDP/FSDP still sync
+                scaler.scale(loss.nan_to_num() * 0.0).backward()
+    return total
 
 
 # --------------------------------------------------------------------------- the trainer
 class Trainer:
-    def __init__(self, config: TrainConfig, out_dir: Path, ctx: DistContext) -> None:
-        self.config, self.out_dir, self.ctx = config, out_dir, ctx
+    def __init__(self, config: TrainConfig, out_dir: Path, ctx: DistContext,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.config, self.out_dir, self.ctx, self.clock = config, out_dir, ctx, clock
         run = config.run
         if run.threads:
             torch.set_num_threads(run.threads)  # fixed so CPU results (and resumes) repeat
@@ -118,20 +148,23 @@ class Trainer:
         self.autocast_dtype = self._autocast_dtype()
         self.scaler = torch.amp.GradScaler(self.device.type,
                                            enabled=self.autocast_dtype == torch.float16)
-        if run.activation_checkpointing:
-            enable_activation_checkpointing(self.raw_model)
-        self.model = wrap_model(self.raw_model, ctx, run.distributed)
+        self.model = parallelize(self.raw_model, ctx, activation_checkpointing=run.activation_checkpointing,
+                                 compile=run.compile, distributed=run.distributed)
         # FSDP shards the parameters of raw_model in place, so it is the one to optimize,
-        # checkpoint and sample from in every mode (self.model may be a DDP/compile wrapper).
+        # checkpoint and sample from in every mode (self.model may be a DDP wrapper).
         self.optimizer = build_optimizer(self.raw_model, config.optimizer, self.device.type)
-        if run.compile:
-            self.model = torch.compile(self.model)
 
-        self.train_loader = self._loader("train")
-        self._loader("val")  # an empty or too-small val split fails now, not at the first eval
+        self.train_loader = self._loader("train", config.data.packing)
+        if self.train_loader.tokens_per_epoch < self.context_length:
+            raise ScratchLMError(
+                f"the train split of {config.data.dir} has {self.train_loader.tokens_per_epoch} "
+                f"tokens, less than one context of {self.context_length}: use a shorter context")
+        # Validation scores each document on its own, as `scratchlm eval` does (document
+        # packing and masking), so val_bpb is the same figure; an empty split fails now.
+        self.val_loader = self._loader("val", "document")
         self.token_bytes = torch.as_tensor(np.asarray(self.tokenizer.token_byte_lengths(),
                                                       dtype=np.int64), device=self.device)
-        self.tokens_per_step = run.global_batch_tokens
+        self.tokens_per_step = run.global_batch_tokens  # slots, padding included
         self.total_steps = self._total_steps()
         self.metrics = MetricsLog(out_dir, ctx.is_main, run.tensorboard)
         self.peak_flops = peak_flops(self.device)
@@ -141,6 +174,8 @@ class Trainer:
         self.step = 0
         self.elapsed_before = 0.0  # training seconds of earlier sessions of this run
         self.warmup_end: float | None = 0.0 if config.schedule.warmup_steps == 0 else None
+        self.lr_factor = 0.0  # of the last step taken
+        self.rewarm: tuple[int, float] | None = None  # (step, factor) a budget change re-warms from
         self.best_val_loss: float | None = None
         self.last_checkpoint: Path | None = None
 
@@ -212,13 +247,13 @@ class Trainer:
             model.load_state_dict(pretrained.state_dict())
         return model
 
-    def _loader(self, split: str):
+    def _loader(self, split: str, packing: str):
         from scratchlm.data import TokenLoader
 
         run = self.config.run
         return TokenLoader(self.config.data.dir, split, run.micro_batch_size, self.context_length,
                            rank=self.ctx.rank, world_size=self.ctx.world_size, seed=run.seed,
-                           packing=self.config.data.packing)
+                           packing=packing)
 
     def _grad_accum(self) -> int:
         run = self.config.run
@@ -290,7 +325,7 @@ class Trainer:
         ckpt.load_checkpoint_weights(latest, self.raw_model, self.optimizer, state, self.sharded)
         opt_cfg = self.config.optimizer
         for group in self.optimizer.param_groups:  # the config's learning rates win
-            group["base_lr"] = opt_cfg.muon_lr if group.get("use_muon") else opt_cfg.lr
+            group["base_lr"] = opt_cfg.lr
         self.scaler.load_state_dict(state["scaler"])
         mine = state["rank_states"][self.ctx.rank]
         self.train_loader.load_state_dict(mine["loader"])
@@ -299,15 +334,49 @@ class Trainer:
         self.elapsed_before = state["elapsed_s"]
         self.warmup_end = state["warmup_end"]
         self.best_val_loss = state["best_val_loss"]
+        self.lr_factor = state["lr_factor"]
+        self.rewarm = state["rewarm"]
         self.last_checkpoint = latest
         self._say(f"resumed from {latest} (step {self.step})")
+        if state["budget"] != self._budget():
+            self._replan(state)
+
+    def _budget(self) -> dict[str, float | None]:
+        run = self.config.run
+        return {"max_steps": run.max_steps, "max_tokens": run.max_tokens, "max_minutes": run.max_minutes}
+
+    def _replan(self, state: dict[str, Any]) -> None:
+        """Continue a run whose budget changed (e.g. `scratchlm run --minutes` raised): the
+        schedule is the new budget's, with progress re-measured against it. The warmup's end
+        is rescaled to the new progress units, and the learning rate climbs linearly from
+        where it stopped to the new schedule's value over `warmup_steps` steps, re-warming as
+        continual pre-training does (Ibrahim et al. 2024, "Simple and Scalable Strategies to
+        Continually Pre-train Large Language Models") instead of jumping."""
+        old, new = state["progress"], self.progress(self.step, self.elapsed_before)
+        if self.warmup_end is not None and old > 0:
+            self.warmup_end *= new / old
+        self.rewarm = (self.step, self.lr_factor)
+        self._say(f"budget changed ({_budget_text(state['budget'])} -> {_budget_text(self._budget())}): "
+                  f"{new:.0%} of the new budget used; the learning-rate schedule is re-planned")
+
+    def learning_rate_factor(self, progress: float) -> float:
+        """Multiplier of the peak learning rate for the next step."""
+        factor = lr_factor(self.config.schedule, self.step, progress, self.warmup_end or 0.0)
+        if self.rewarm is not None:
+            start_step, start_factor = self.rewarm
+            ramp = (self.step - start_step + 1) / max(self.config.schedule.warmup_steps, 1)
+            if ramp < 1:
+                factor = start_factor + (factor - start_factor) * ramp
+        return factor
 
     def save_checkpoint(self, elapsed: float, val_loss: float | None) -> Path:
         trainer_state = {
             "step": self.step, "tokens": self.step * self.tokens_per_step,
             "elapsed_s": elapsed, "warmup_end": self.warmup_end,
             "best_val_loss": self.best_val_loss, "scaler": self.scaler.state_dict(),
-            "model_config": self.model_config.to_dict(),
+            "model_config": self.model_config.to_dict(), "budget": self._budget(),
+            "progress": self.progress(self.step, elapsed), "lr_factor": self.lr_factor,
+            "rewarm": self.rewarm,
         }
         rank_state = {"rng": ckpt.capture_rng_state(), "loader": self.train_loader.state_dict()}
         self.last_checkpoint = ckpt.save_checkpoint(
@@ -320,44 +389,38 @@ class Trainer:
     # ----------------------------------------------------------------------- evaluation
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean validation loss and bits per byte over the same `eval_batches` batches each
-        time (a fresh loader). The batches are split across ranks, so with eval_batches a
-        multiple of world_size, N processes evaluate exactly the windows one process would.
-
-        bits/byte = total NLL (nats) / ln 2 / total UTF-8 bytes of the predicted tokens:
-        unlike loss per token it compares models with different tokenizers."""
+        """Validation loss (nats per target) and bits per byte (train.bpb: the definition
+        `scratchlm eval` uses) over the same rows every time: each document scored on its own
+        (document packing and masking), the first `eval_batches` batches' worth of rows split
+        across ranks, or the whole split when eval_batches is 0."""
         run = self.config.run
-        loader = self._loader("val")
+        per_rank = math.ceil(run.eval_batches / self.ctx.world_size) if run.eval_batches else None
         self.model.eval()
-        nll = torch.zeros((), dtype=torch.float64, device=self.device)
-        n_tokens = n_bytes = 0
-        for _ in range(math.ceil(run.eval_batches / self.ctx.world_size)):
-            x, y = (t.to(self.device) for t in loader.next_batch())
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)
+        for x, y in self.val_loader.one_pass(per_rank):
+            segments = self.val_loader.segment_ids(x)
+            x, y, segments = (t.to(self.device) for t in (x, y, segments))
             with self.autocast():
-                logits = self.model(x)
-            nll += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(),
-                                   reduction="sum").double()
-            n_tokens += y.numel()
-            n_bytes += int(self.token_bytes[y].sum())
+                logits = self.model(x, segment_ids=segments)
+            sums += score_sums(logits, y, self.token_bytes)
         self.model.train()
-        total_nll, total_tokens, total_bytes = all_reduce_sum(
-            [nll.item(), float(n_tokens), float(n_bytes)], self.ctx)
-        return {"val_loss": total_nll / total_tokens,
-                "val_bpb": total_nll / math.log(2) / max(total_bytes, 1.0)}
+        totals = all_reduce_sum(sums.tolist(), self.ctx)
+        return {"val_loss": loss_per_token(totals), "val_bpb": bits_per_byte(totals)}
 
     def sample(self) -> str:
         """A short generation from the prompt (same seed every time, so samples at
         successive evaluations are comparable). Every rank runs it: under FSDP the forward
         passes gather weights collectively."""
         run = self.config.run
-        prompt = self.tokenizer.encode(run.sample_prompt) or [self.tokenizer.eot_id or 0]
+        # A document starts after an end-of-text token, in training and here.
+        prompt = [self.tokenizer.eot_id or 0] + self.tokenizer.encode_ordinary(run.sample_prompt)
         idx = torch.tensor([prompt[-self.context_length:]], device=self.device)
         generator = torch.Generator(device=self.device).manual_seed(run.seed)
-        with self.autocast():
+        with self.autocast(), eager(self.config.run.compile):
             ids = list(self.raw_model.generate(idx, run.sample_tokens, temperature=0.8,
                                                top_k=50, generator=generator,
                                                stop_token=self.tokenizer.eot_id))
-        return self.tokenizer.decode(prompt + ids)
+        return self.tokenizer.decode(prompt[1:] + ids)
 
     # ----------------------------------------------------------------------- the loop
     def run(self, resume: bool) -> dict[str, Any]:
@@ -367,7 +430,7 @@ class Trainer:
             atomic_write_text(self.out_dir / "config.yaml", dump_config_yaml(self.config))
             self.metrics.truncate_after(self.step)
         self._say(self._banner())
-        session = _Session(start=time.monotonic())
+        session = _Session(start=self.clock(), last_checkpoint=self.clock())
         bar = self._progress_bar()
         with _stop_requests() as stop_requested:
             while True:
@@ -390,7 +453,7 @@ class Trainer:
         return self._finish(elapsed, session)
 
     def _elapsed(self, session: _Session) -> float:
-        return self.elapsed_before + time.monotonic() - session.start
+        return self.elapsed_before + self.clock() - session.start
 
     def _control_point(self, session: _Session, stop_requested: bool, bar) -> float:
         """Between steps: agree across ranks on time, stop requests and time-based
@@ -398,14 +461,14 @@ class Trainer:
         them, and return the fraction of the budget used."""
         run = self.config.run
         checkpoint_due = (run.checkpoint_minutes is not None and
-                          time.monotonic() - session.last_checkpoint >= 60 * run.checkpoint_minutes)
+                          self.clock() - session.last_checkpoint >= 60 * run.checkpoint_minutes)
         elapsed, stop, checkpoint_due = all_reduce_max(
             [self._elapsed(session), float(stop_requested), float(checkpoint_due)], self.ctx)
         session.elapsed = elapsed
         if stop or checkpoint_due:
             if self.step > 0 and session.bad_streak == 0 and not self._checkpointed_now():
                 self.save_checkpoint(elapsed, None)
-            session.last_checkpoint = time.monotonic()
+            session.last_checkpoint = self.clock()
             if stop:
                 bar.close()
                 self._say(f"interrupted at step {self.step}; checkpoint {self.last_checkpoint}")
@@ -415,11 +478,11 @@ class Trainer:
     def _optimizer_step(self, session: _Session, progress: float) -> None:
         if self.warmup_end is None and self.step >= self.config.schedule.warmup_steps:
             self.warmup_end = progress
-        set_lr(self.optimizer, lr_factor(self.config.schedule, self.step, progress,
-                                         self.warmup_end or 0.0))
-        t0 = time.monotonic()
+        self.lr_factor = self.learning_rate_factor(progress)
+        set_lr(self.optimizer, self.lr_factor)
+        t0 = self.clock()
         loss, grad_norm, ok = self.train_step()
-        session.step_seconds += time.monotonic() - t0
+        session.step_seconds += self.clock() - t0
         session.steps += 1
         session.loss, session.grad_norm = loss, grad_norm
         self.step += 1
@@ -445,7 +508,7 @@ class Trainer:
         if run.checkpoint_every and self.step % run.checkpoint_every == 0 \
                 and session.bad_streak == 0:  # never checkpoint during a non-finite streak
             self.save_checkpoint(elapsed, val_loss)
-            session.last_checkpoint = time.monotonic()
+            session.last_checkpoint = self.clock()
 
     def _checkpointed_now(self) -> bool:
         return (self.last_checkpoint is not None
@@ -457,10 +520,8 @@ class Trainer:
 
     def train_step(self) -> tuple[float, float, bool]:
         """One optimizer step; returns (mean loss, gradient norm, whether it was applied)."""
-        batches = [tuple(t.to(self.device, non_blocking=True)
-                         for t in self.train_loader.next_batch())
-                   for _ in range(self.grad_accum)]
-        loss = accumulate_gradients(self.model, batches, self.autocast, self.scaler)
+        batches = [self._batch() for _ in range(self.grad_accum)]
+        loss = accumulate_gradients(self.model, batches, self.autocast, self.scaler, self.device)
         self.scaler.unscale_(self.optimizer)
         grad_norm = clip_grad_norm_(self.raw_model.parameters(), self.config.optimizer.grad_clip)
         loss_value, norm_value = all_reduce_sum([loss.item(), grad_norm.item()], self.ctx)
@@ -472,6 +533,13 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         return loss_value, norm_value, ok
+
+    def _batch(self) -> tuple[torch.Tensor, ...]:
+        """The next training micro-batch: (x, y), plus segment ids under document masking."""
+        x, y = self.train_loader.next_batch()
+        if self.config.data.document_mask:
+            return x, y, self.train_loader.segment_ids(x)
+        return x, y
 
     def _on_bad_step(self, loss: float, grad_norm: float, streak: int) -> None:
         limit = self.config.run.max_bad_steps
@@ -521,7 +589,7 @@ class Trainer:
             from scratchlm.model.directory import save_model
 
             save_model(final_dir, self.raw_model, self.tokenizer, extra={"summary": _json_safe(summary)},
-                       state_dict=full_weights)
+                       state_dict=full_weights, overwrite=True)
             best = ckpt.best_checkpoint(self.out_dir / CHECKPOINTS)
             summary["best_checkpoint"] = str(best) if best else None
             plot_loss(self.out_dir / METRICS_FILE, self.out_dir / LOSS_PLOT)
@@ -536,15 +604,15 @@ class Trainer:
         n_params = self.raw_model.num_params() if not self.sharded else \
             self.model_config.num_params()
         dtype = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.autocast_dtype]
-        budget = ", ".join(f"{k}={v}" for k, v in (("max_steps", self.config.run.max_steps),
-                                                  ("max_tokens", self.config.run.max_tokens),
-                                                  ("max_minutes", self.config.run.max_minutes))
-                           if v is not None)
         mode = (self.config.run.distributed if self.ctx.enabled else "single process")
+        data = self.config.data
+        packing = (f"{data.packing} packing ({self.train_loader.padding_fraction:.1%} padding"
+                   f"{', attention within documents' if data.document_mask else ''})")
         return (f"training {n_params / 1e6:.2f}M parameters on {self.device} ({dtype}, {mode}, "
                 f"{self.ctx.world_size} process(es), {torch.get_num_threads()} CPU threads); "
                 f"{self.tokens_per_step:,} tokens/step = {self.grad_accum} micro-batch(es) of "
-                f"{self.config.run.micro_batch_size}x{self.context_length} per process; {budget}; "
+                f"{self.config.run.micro_batch_size}x{self.context_length} per process; {packing}; "
+                f"{_budget_text(self._budget())}; "
                 f"MFU {'n/a (no GPU peak known)' if self.peak_flops is None else 'reported'}")
 
     def _progress_bar(self):
@@ -560,11 +628,11 @@ class Trainer:
 class _Session:
     """Counters of this process's session of a run (not checkpointed)."""
 
-    start: float  # time.monotonic() at the start
+    start: float  # the trainer's clock at the start
+    last_checkpoint: float  # the trainer's clock at the last checkpoint of this session
     elapsed: float = 0.0  # run time including earlier sessions, agreed across ranks
     steps: int = 0
     step_seconds: float = 0.0  # time inside optimizer steps only: the tokens/s denominator
-    last_checkpoint: float = field(default_factory=time.monotonic)
     bad_streak: int = 0  # consecutive non-finite steps
     loss: float = math.nan
     grad_norm: float = math.nan
@@ -581,6 +649,10 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def _budget_text(budget: dict[str, float | None]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in budget.items() if v is not None)
 
 
 def _eta(elapsed: float, progress: float) -> str:

@@ -2,8 +2,8 @@
 
 Both optimizers subclass `torch.optim.Optimizer` only to inherit its bookkeeping
 (param_groups, state_dict/load_state_dict); the update rules are written here.
-Every group carries `base_lr`; the schedule scales `lr` by one factor for all groups, so
-Muon's much larger learning rate keeps its ratio to AdamW's throughout the run.
+Every group carries `base_lr`; the schedule scales `lr` by one factor for all groups. Muon's
+update is scaled to AdamW's update size, so all groups share one learning rate and one decay.
 """
 
 from __future__ import annotations
@@ -82,12 +82,25 @@ def newton_schulz_orthogonalize(grad: torch.Tensor, steps: int = 5) -> torch.Ten
     return x.to(grad.dtype)
 
 
+# Per-element RMS that Moonlight gives Muon's update to match AdamW's (arXiv:2502.16982,
+# sec. 2.2); its 0.2*sqrt(max(rows, cols)) factor is applied in Muon._muon_update.
+_MOONLIGHT_RMS = 0.2
+
+
 class Muon(torch.optim.Optimizer):
     """Muon for hidden 2-D weights (groups with use_muon=True), AdamW for every other group.
 
     Muon: SGD momentum (Nesterov), then the update is replaced by its orthogonalisation, so
-    every direction of the weight matrix moves by a similar amount. Scaled by
-    sqrt(max(1, rows/cols)) so tall matrices get a comparable per-element step.
+    every direction of the weight matrix moves by a similar amount.
+
+    Update scale follows Moonlight (Liu et al. 2025, "Muon is Scalable for LLM Training",
+    arXiv:2502.16982, sec. 2.2, "consistent update RMS"): an orthogonal rows x cols matrix has
+    per-element RMS 1/sqrt(max(rows, cols)), so multiplying by 0.2*sqrt(max(rows, cols)) gives
+    RMS ~0.2, the size of a typical AdamW update. With updates of the same size, Muon matrices
+    take the AdamW groups' learning rate and decoupled weight decay (p *= 1 - lr*wd) unchanged;
+    torch.optim.Muon(adjust_lr_fn="match_rms_adamw") applies the same rule. Keller Jordan's
+    original scaling (sqrt(max(1, rows/cols)), RMS ~1/sqrt(cols)) needs its own lr (~0.02), and
+    decoupled decay at that lr shrank weights 67x faster per step than the AdamW groups at 3e-4.
     """
 
     def __init__(self, param_groups: list[dict], lr: float, momentum: float, ns_steps: int,
@@ -117,7 +130,7 @@ class Muon(torch.optim.Optimizer):
         buf.lerp_(p.grad, 1 - momentum)
         update = p.grad.lerp(buf, momentum)  # Nesterov: look one momentum step ahead
         update = newton_schulz_orthogonalize(update, group["ns_steps"])
-        update *= max(1.0, p.size(0) / p.size(1)) ** 0.5
+        update *= _MOONLIGHT_RMS * max(p.size(0), p.size(1)) ** 0.5  # RMS ~0.2, like AdamW
         p.mul_(1 - group["lr"] * group["weight_decay"])
         p.add_(update, alpha=-group["lr"])
 
@@ -153,10 +166,9 @@ def build_optimizer(model: nn.Module, cfg: OptimizerSection, device_type: str
     if cfg.name == "muon":
         muon_ids = hidden_matrices(model)
         groups = [
-            dict(params=[p for p in decay if id(p) in muon_ids], use_muon=True,
-                 lr=cfg.muon_lr, base_lr=cfg.muon_lr),
-            dict(params=[p for p in decay if id(p) not in muon_ids], lr=cfg.lr, base_lr=cfg.lr),
-            dict(params=no_decay, weight_decay=0.0, lr=cfg.lr, base_lr=cfg.lr),
+            dict(params=[p for p in decay if id(p) in muon_ids], use_muon=True),
+            dict(params=[p for p in decay if id(p) not in muon_ids]),
+            dict(params=no_decay, weight_decay=0.0),
         ]
         return Muon([g for g in groups if g["params"]], lr=cfg.lr, momentum=cfg.muon_momentum,
                     ns_steps=cfg.muon_ns_steps, betas=betas, eps=cfg.eps,
