@@ -229,3 +229,14 @@ def test_iter_documents_round_trip_and_dtype(tmp_path, vocab_size, dtype):
     assert len(back) == len(docs) and all(np.array_equal(a, b) for a, b in zip(back, docs))
     raw = np.concatenate([np.fromfile(tmp_path / s["file"], dtype=dtype) for s in manifest["splits"]["train"]["shards"]])
     assert (raw == EOT).sum() == len(docs)  # one EOT after every document
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_one_pass_covers_every_row_once_with_the_same_batch_count_on_every_rank(data_dir, world):
+    loaders = [TokenLoader(data_dir, "train", batch_size=5, context_length=T, rank=r, world_size=world)
+               for r in range(world)]
+    passes = [list(loader.one_pass()) for loader in loaders]
+    assert len({len(p) for p in passes}) == 1  # collective-safe: equal counts on every rank
+    rows = [tuple(x[i].tolist()) for p in passes for x, y in p for i in range(len(x)) if (y[i] != IGNORE).any()]
+    assert len(rows) == len(set(rows)) == loaders[0].num_windows
+    assert loaders[0].windows_consumed == 0  # evaluation leaves the training position alone

@@ -209,10 +209,12 @@ class TokenLoader:
             at += n
 
     def _batch(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch of these rows; a row id of -1 stays all padding."""
         x = np.full((len(rows), self.context_length), self.eot_id, dtype=np.int64)
         y = np.full((len(rows), self.context_length), IGNORE, dtype=np.int64)
         for i, row in enumerate(rows):
-            self._fill_row(int(row), x[i], y[i])
+            if row >= 0:
+                self._fill_row(int(row), x[i], y[i])
         return torch.from_numpy(x), torch.from_numpy(y)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -232,12 +234,16 @@ class TokenLoader:
     def one_pass(self, max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's share of every row once (rows r, r + W, ... of the epoch-0 order; not
         truncated, so all ranks together cover the whole split), in batches, the last one
-        smaller; at most `max_batches`. For evaluation: it leaves the training position alone."""
+        smaller; at most `max_batches`. For evaluation: it leaves the training position alone.
+
+        Every rank yields the same number of batches (FSDP's forward passes are collective):
+        a rank whose share ran out gets one all-padding row, which counts for nothing."""
         order = np.random.default_rng([self.seed, 0]).permutation(self.num_windows)[self.rank :: self.world_size]
-        for n, start in enumerate(range(0, len(order), self.batch_size)):
-            if max_batches is not None and n >= max_batches:
-                return
-            yield self._batch(order[start : start + self.batch_size])
+        rows_per_rank = -(-self.num_windows // self.world_size)
+        batches = -(-rows_per_rank // self.batch_size)
+        for n in range(batches if max_batches is None else min(batches, max_batches)):
+            rows = order[n * self.batch_size : (n + 1) * self.batch_size]
+            yield self._batch(rows if len(rows) else np.array([-1]))
 
     def segment_ids(self, x: torch.Tensor) -> torch.Tensor:
         """Document index of every input position of a batch: a new document starts at each
