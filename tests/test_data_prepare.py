@@ -146,11 +146,11 @@ def test_existing_output_is_refused_or_replaced_atomically(tmp_path, tok_dir, mo
     out.mkdir()
     (out / "notes.txt").write_text("the user's own file")
     config = PrepareConfig(**NO_FILTERS)
-    with pytest.raises(ScratchLMError, match="not empty.*--overwrite"):
+    with pytest.raises(ScratchLMError, match="holds other files.*--overwrite"):
         prepare_data([str(src)], tok_dir, out, config=config)
 
-    # An interrupted run (failure while writing shards) leaves the directory untouched
-    # and no temporary directory behind.
+    # An interrupted run (while writing shards) leaves no shard, no manifest and no temporary
+    # directory; its finished tasks stay, for the next run to continue from.
     calls = {"n": 0}
     original_add = ShardWriter.add
 
@@ -163,7 +163,8 @@ def test_existing_output_is_refused_or_replaced_atomically(tmp_path, tok_dir, mo
     monkeypatch.setattr(ShardWriter, "add", failing_add)
     with pytest.raises(KeyboardInterrupt):
         prepare_data([str(src)], tok_dir, out, config=PrepareConfig(shard_tokens=10, **NO_FILTERS), overwrite=True)
-    assert sorted(os.listdir(out)) == ["notes.txt"]
+    assert sorted(os.listdir(out)) == ["notes.txt", "tasks"]
+    assert not [p for p in (out / "tasks").iterdir() if p.name.startswith(".")]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src.txt"]
     monkeypatch.undo()
 

@@ -25,6 +25,7 @@ malformed records (skipped, the first few kept with file:line for the summary).
 from __future__ import annotations
 
 import codecs
+import functools
 import glob
 import gzip
 import hashlib
@@ -381,20 +382,25 @@ def _malformed(stats: SourceStats, where: str, reason: str, strict: bool) -> Non
         stats.malformed_examples.append(f"{where}: {reason}")
 
 
-def _iter_jsonl(path: Path, text_field: str, strict: bool, stats: SourceStats) -> Iterator[tuple[str, str | None]]:
+def _iter_jsonl(path: Path, text_field: str, strict: bool, stats: SourceStats,
+                byte_range: tuple[int, int] | None = None) -> Iterator[tuple[str, str | None]]:
     invalid = 0
     with open_binary(path) as raw:
+        start = 0
+        if byte_range is not None:
+            start, end = aligned_range(raw, byte_range, b"\n")
+            raw = io.BufferedReader(_Window(raw, start, end))
         try:
-            for lineno, line in enumerate(raw, 1):
+            for index, line in enumerate(raw):
                 if not line.strip():
                     continue
-                where = f"{path}:{lineno}"
                 decoded, bad = decode_utf8(line)
                 invalid += bad
                 try:
                     text, url = _record_text(json.loads(decoded), text_field)
                 except ValueError as exc:  # json.JSONDecodeError is a ValueError
-                    _malformed(stats, where, str(exc), strict)
+                    line_number = (_lines_before(path, start) if start else 0) + index + 1
+                    _malformed(stats, f"{path}:{line_number}", str(exc), strict)
                     continue
                 yield text, url
         except (OSError, EOFError) as exc:
@@ -420,19 +426,37 @@ def _iter_json(path: Path, text_field: str, strict: bool, stats: SourceStats) ->
         yield text, url
 
 
-def _iter_parquet(path: Path, text_field: str, strict: bool, stats: SourceStats) -> Iterator[tuple[str, str | None]]:
+def _open_parquet(path: Path):
     import pyarrow.parquet as pq
 
     try:
-        parquet = pq.ParquetFile(path)
+        return pq.ParquetFile(path)
     except Exception as exc:  # pyarrow raises its own error types for corrupt files
         raise ScratchLMError(f"cannot read parquet file {path}: {exc}") from None
+
+
+def row_group_offsets(path: Path) -> list[int]:
+    """Where each row group of a Parquet file starts (its first data page): the document
+    boundaries a byte range of the file is aligned to."""
+    metadata = _open_parquet(path).metadata
+    return [metadata.row_group(i).column(0).data_page_offset for i in range(metadata.num_row_groups)]
+
+
+def _iter_parquet(path: Path, text_field: str, strict: bool, stats: SourceStats,
+                  byte_range: tuple[int, int] | None = None) -> Iterator[tuple[str, str | None]]:
+    parquet = _open_parquet(path)
     names = parquet.schema_arrow.names
     if text_field not in names:
         raise ScratchLMError(f"{path} has no column {text_field!r} (columns: {', '.join(names)})")
     columns = [text_field] + (["url"] if "url" in names and text_field != "url" else [])
-    row = 0
-    for batch in parquet.iter_batches(columns=columns, batch_size=4096):
+    groups = list(range(parquet.metadata.num_row_groups))
+    if byte_range is not None:  # the row groups that start inside the range
+        offsets = row_group_offsets(path)
+        groups = [i for i in groups if byte_range[0] <= offsets[i] < byte_range[1]]
+    if not groups:
+        return
+    row = sum(parquet.metadata.row_group(i).num_rows for i in range(groups[0]))
+    for batch in parquet.iter_batches(columns=columns, batch_size=4096, row_groups=groups):
         texts = batch.column(0).to_pylist()
         urls = batch.column(1).to_pylist() if len(columns) > 1 else [None] * len(texts)
         for text, url in zip(texts, urls):
@@ -447,32 +471,131 @@ def _iter_parquet(path: Path, text_field: str, strict: bool, stats: SourceStats)
 # --------------------------------------------------------------------------- documents
 def iter_file_documents(
     path: Path, *, text_field: str = "text", doc_mode: str = "auto", min_doc_chars: int = 1000,
-    strict_json: bool = False, stats: SourceStats,
+    strict_json: bool = False, stats: SourceStats, byte_range: tuple[int, int] | None = None,
 ) -> Iterator[Document]:
+    """The documents of one file; with `byte_range` (a, b) only those that start in [a, b)
+    (see `split_boundary`: the file must be splittable; documents start at line starts, after
+    a separator, or at row groups). Whatever the ranges, every document is read exactly once."""
     suffix = format_suffix(path)
     profile = "code" if suffix in CODE_EXTENSIONS else "prose"
     if suffix in _STRUCTURED_EXTENSIONS:
         reader = {".jsonl": _iter_jsonl, ".ndjson": _iter_jsonl, ".json": _iter_json,
                   ".parquet": _iter_parquet}[suffix]
-        for text, url in reader(path, text_field, strict_json, stats):
+        args = (path, text_field, strict_json, stats) + ((byte_range,) if byte_range is not None else ())
+        for text, url in reader(*args):
             yield Document(text=text, url=url, profile=profile)
         return
+    head = file_head(path)
+    if looks_binary(head):  # judged on the first block: a binary file is binary throughout
+        stats.binary_files.append(f"{path} ({non_text_fraction(head):.0%} invalid UTF-8 or "
+                                  f"control characters)")
+        return
+    mode = auto_doc_mode(path, head) if doc_mode == "auto" else doc_mode
     with open_binary(path) as raw:
-        blocks = _decoded_blocks(raw, stats, str(path))
-        first = next(blocks, "")
-        if looks_binary(first):  # judged on the first block: a binary file is binary throughout
-            stats.binary_files.append(f"{path} ({non_text_fraction(first):.0%} invalid UTF-8 or "
-                                      f"control characters)")
-            return
-        mode = auto_doc_mode(path, first) if doc_mode == "auto" else doc_mode
-        for part in split_blocks(_chain(first, blocks), mode, min_doc_chars):
+        if byte_range is not None:
+            boundary = _TEXT_BOUNDARIES.get(mode)
+            if boundary is None or path.name.lower().endswith(_COMPRESSION_SUFFIXES):
+                raise ScratchLMError(f"{path}: doc_mode {mode} files cannot be split by byte range")
+            raw = _Window(raw, *aligned_range(raw, byte_range, boundary))
+        for part in split_blocks(_decoded_blocks(raw, stats, str(path)), mode, min_doc_chars):
             yield Document(text=part, profile=profile)
 
 
-def _chain(first: str, rest: Iterator[str]) -> Iterator[str]:
-    yield first
-    yield from rest
+def file_head(path: Path) -> str:
+    """The first READ_BLOCK_BYTES of a file as text: what decides binary-or-not and doc_mode
+    "auto", the same for the whole file whichever part of it is read."""
+    with open_binary(path) as raw:
+        try:
+            data = raw.read(READ_BLOCK_BYTES)
+        except (OSError, EOFError) as exc:
+            raise ScratchLMError(f"cannot read {path}: {exc}") from None
+    return data.decode("utf-8", errors="replace")
 
+
+# --------------------------------------------------------------------------- byte ranges
+# Documents of these doc modes start right after these bytes, so a file can be cut there.
+_TEXT_BOUNDARIES = {"line": b"\n", "eot": EOT_DELIMITER.encode()}
+
+
+def split_boundary(path: Path, doc_mode: str = "auto") -> bytes | str | None:
+    """How a file may be divided between tasks: the bytes after which documents start
+    (JSONL: b"\\n"; plain text in line or eot mode), "row_groups" (Parquet), or None when only
+    whole (compressed files, JSON arrays, blank-line and whole-file documents)."""
+    suffix = format_suffix(path)
+    if path.name.lower().endswith(_COMPRESSION_SUFFIXES) or suffix == ".json":
+        return None
+    if suffix in (".jsonl", ".ndjson"):
+        return b"\n"
+    if suffix == ".parquet":
+        return "row_groups"
+    head = file_head(path)
+    if looks_binary(head):
+        return None
+    return _TEXT_BOUNDARIES.get(auto_doc_mode(path, head) if doc_mode == "auto" else doc_mode)
+
+
+def _boundary_at_or_after(f: IO[bytes], pos: int, size: int, boundary: bytes) -> int:
+    """The first position >= pos where a document starts: 0, just after `boundary`, or the end."""
+    if pos <= 0:
+        return 0
+    if pos >= size:
+        return size
+    # An occurrence ending at `pos` or later may begin up to len(boundary) bytes before it.
+    at = max(0, pos - len(boundary))
+    f.seek(at)
+    carry = b""
+    while True:
+        block = f.read(1 << 16)
+        if not block:
+            return size
+        data = carry + block
+        found = data.find(boundary)
+        if found >= 0:
+            return at - len(carry) + found + len(boundary)
+        carry = data[-(len(boundary) - 1):] if len(boundary) > 1 else b""
+        at += len(block)
+
+
+def aligned_range(f: IO[bytes], byte_range: tuple[int, int], boundary: bytes) -> tuple[int, int]:
+    """[start, end) moved forward to document starts: adjacent ranges stay adjacent, so
+    every document lies in exactly one of them."""
+    size = f.seek(0, os.SEEK_END)
+    start, end = byte_range
+    return (_boundary_at_or_after(f, start, size, boundary),
+            _boundary_at_or_after(f, max(start, end), size, boundary))
+
+
+class _Window(io.RawIOBase):
+    """Bytes [start, end) of a seekable binary file, read as a stream."""
+
+    def __init__(self, f: IO[bytes], start: int, end: int) -> None:
+        super().__init__()
+        f.seek(start)
+        self._f, self._left = f, end - start
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n = min(len(buffer), self._left)
+        if n <= 0:
+            return 0
+        data = self._f.read(n)
+        buffer[: len(data)] = data
+        self._left -= len(data)
+        return len(data)
+
+
+@functools.lru_cache(maxsize=64)
+def _lines_before(path: Path, start: int) -> int:
+    """Lines before byte `start` of a file (counted only when a malformed record needs its line
+    number: it is a scan of everything before `start`)."""
+    count, remaining = 0, start
+    with open(path, "rb") as f:
+        while remaining > 0 and (block := f.read(min(remaining, 1 << 22))):
+            count += block.count(b"\n")
+            remaining -= len(block)
+    return count
 
 def iter_documents_from(
     spec: str, *, text_field: str = "text", doc_mode: str = "auto", min_doc_chars: int = 1000,

@@ -10,9 +10,11 @@ import importlib
 from typing import Any
 
 _LAZY = {
-    "PrepareConfig": "scratchlm.data.prepare",
+    "PrepareConfig": "scratchlm.data.config",
+    "finalize_data": "scratchlm.data.finalize",
     "format_stats_table": "scratchlm.data.prepare",
     "prepare_data": "scratchlm.data.prepare",
+    "prepare_task": "scratchlm.data.prepare",
     "iter_documents": "scratchlm.data.shards",
     "read_manifest": "scratchlm.data.shards",
     "TokenLoader": "scratchlm.data.loader",

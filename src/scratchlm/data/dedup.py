@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -155,6 +156,20 @@ def choose_bands(num_perm: int, threshold: float, false_negative_weight: float =
     return best
 
 
+def band_keys(signatures: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """(n, bands) uint64: one 64-bit key per band of each signature; equal bands, equal keys.
+
+    A polynomial hash of the band's `rows` values in wrapping uint64 arithmetic (distinct bands
+    collide with probability ~2^-64 per pair, and every candidate is verified anyway). Keys are
+    what the data tasks write to disk per document, so finalize never needs all signatures in
+    memory to find candidates."""
+    keys = np.zeros((len(signatures), bands), dtype=np.uint64)
+    for r in range(rows):
+        keys *= np.uint64(_WORD_BASE)
+        keys ^= signatures[:, r : bands * rows : rows].astype(np.uint64) + np.uint64(r + 1)
+    return keys
+
+
 class _UnionFind:
     def __init__(self, n: int):
         self.parent = np.arange(n)
@@ -173,47 +188,66 @@ class _UnionFind:
             self.parent[max(ri, rj)] = min(ri, rj)
 
 
+SignatureRows = Callable[[np.ndarray], np.ndarray]  # document indices -> their signatures
+
+
+def verified_pairs(band_columns: Iterable[np.ndarray], signature_rows: SignatureRows, threshold: float,
+                   max_bucket_pairs: int = 64) -> list[tuple[int, int, float]]:
+    """Pairs (i, j, estimated Jaccard), i < j, that share a band key in some band and whose
+    signatures agree on at least `threshold` of their positions.
+
+    `band_columns` yields, one band at a time, the (n,) keys of that band for documents
+    0..n-1: only one band is in memory at once. In a bucket with more than `max_bucket_pairs`
+    members (a swarm of near-identical boilerplate) each member is compared only with the
+    bucket's first member rather than with all others: enough to join the cluster, without
+    quadratic work."""
+    checked: set[tuple[int, int]] = set()
+    pairs = []
+    for keys in band_columns:
+        order = np.argsort(keys, kind="stable")
+        sorted_keys = keys[order]
+        edges = np.flatnonzero(np.diff(sorted_keys)) + 1
+        for members in np.split(order, edges):
+            if len(members) < 2:
+                continue
+            partners = members[:1] if len(members) > max_bucket_pairs else members
+            candidates = [(int(min(a, b)), int(max(a, b))) for a_pos, a in enumerate(partners)
+                          for b in members[a_pos + 1:]]
+            candidates = [pair for pair in candidates if pair not in checked]
+            if not candidates:
+                continue
+            checked.update(candidates)
+            left = signature_rows(np.array([i for i, _ in candidates]))
+            right = signature_rows(np.array([j for _, j in candidates]))
+            similarity = (left == right).mean(axis=1)
+            pairs.extend((i, j, float(sim)) for (i, j), sim in zip(candidates, similarity) if sim >= threshold)
+    return sorted(pairs)
+
+
+def first_of_each_cluster(n: int, pairs: Iterable[tuple[int, int, float]]) -> np.ndarray:
+    """Boolean mask over documents 0..n-1: True for the first document of each cluster that
+    the pairs join (union-find), and for documents in no pair."""
+    uf = _UnionFind(n)
+    for i, j, _ in pairs:
+        uf.union(i, j)
+    return np.array([uf.find(i) == i for i in range(n)], dtype=bool)
+
+
 def near_duplicate_pairs(
     signatures: np.ndarray, threshold: float = 0.8, bands: int | None = None, rows: int | None = None,
     max_bucket_pairs: int = 64,
 ) -> list[tuple[int, int, float]]:
-    """Verified pairs (i, j, estimated Jaccard) with i < j and estimate >= threshold.
-
-    In a bucket with more than `max_bucket_pairs` members (a swarm of near-identical
-    boilerplate) each member is compared only with the bucket's first member rather than with
-    all others: enough to join the cluster, without quadratic work.
-    """
-    n, num_perm = signatures.shape
+    """Verified pairs (i, j, estimated Jaccard) with i < j and estimate >= threshold, for
+    signatures in memory (the data tasks keep theirs on disk: see data/finalize.py)."""
     if bands is None or rows is None:
-        bands, rows = choose_bands(num_perm, threshold)
-    checked: set[tuple[int, int]] = set()
-    pairs = []
-    for band in range(bands):
-        block = np.ascontiguousarray(signatures[:, band * rows : (band + 1) * rows])
-        keys = block.view(np.dtype((np.void, block.dtype.itemsize * rows))).ravel()
-        _, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
-        order = np.argsort(inverse, kind="stable")
-        bucket_ends = np.cumsum(counts)
-        for bucket in np.flatnonzero(counts > 1):
-            members = order[bucket_ends[bucket] - counts[bucket] : bucket_ends[bucket]]
-            partners = members[:1] if len(members) > max_bucket_pairs else members
-            for a_pos, a in enumerate(partners):
-                for b in members[a_pos + 1 :]:
-                    pair = (int(min(a, b)), int(max(a, b)))
-                    if pair in checked:
-                        continue
-                    checked.add(pair)
-                    similarity = estimated_jaccard(signatures[pair[0]], signatures[pair[1]])
-                    if similarity >= threshold:
-                        pairs.append((pair[0], pair[1], similarity))
-    return sorted(pairs)
+        bands, rows = choose_bands(signatures.shape[1], threshold)
+    keys = band_keys(signatures, bands, rows)
+    return verified_pairs((keys[:, band] for band in range(bands)), signatures.__getitem__, threshold,
+                          max_bucket_pairs)
 
 
 def near_duplicate_keep_mask(
     signatures: np.ndarray, threshold: float = 0.8, bands: int | None = None, rows: int | None = None,
 ) -> np.ndarray:
     """Boolean mask: True for the first document of each near-duplicate cluster (and singletons)."""
-    uf = _UnionFind(len(signatures))
-    for i, j, _ in near_duplicate_pairs(signatures, threshold, bands, rows):
-        uf.union(i, j)
-    return np.array([uf.find(i) == i for i in range(len(signatures))], dtype=bool)
+    return first_of_each_cluster(len(signatures), near_duplicate_pairs(signatures, threshold, bands, rows))

@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import tempfile
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
 from scratchlm.errors import ScratchLMError
-from scratchlm.fsutil import atomic_write_bytes
+from scratchlm.fsutil import atomic_write_bytes, current_umask
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -38,41 +40,51 @@ def index_name(bin_name: str) -> str:
 
 
 class ShardWriter:
-    """Accumulates documents and writes a shard whenever `shard_tokens` is reached.
+    """Writes documents into shards of about `shard_tokens` tokens, streaming to disk.
 
-    Each file is written to a temporary name and renamed (fsutil.atomic_write_bytes), so an
-    interrupted run never leaves a truncated shard under a real name.
+    Token ids go straight to a temporary file that is renamed into place when the shard is
+    full (only the document offsets are held), so memory does not grow with the shard size
+    and an interrupted run never leaves a truncated shard under a real name.
     """
 
     def __init__(self, out_dir: Path, split: str, dtype: np.dtype, eot_id: int, shard_tokens: int):
         self.out_dir, self.split, self.dtype, self.eot_id = Path(out_dir), split, dtype, eot_id
         self.shard_tokens = shard_tokens
         self.shards: list[dict] = []
-        self._pending: list[np.ndarray] = []
-        self._pending_tokens = 0
+        self._eot = np.array([eot_id], dtype=dtype).tobytes()
+        self._file = None
+        self._starts: list[int] = []
+        self._tokens = 0
 
     def add(self, ids: np.ndarray) -> None:
         """Append one document's token ids (without EOT)."""
-        self._pending.append(np.append(np.asarray(ids, dtype=self.dtype), self.dtype.type(self.eot_id)))
-        self._pending_tokens += len(ids) + 1
-        if self._pending_tokens >= self.shard_tokens:
+        if self._file is None:
+            self._file = tempfile.NamedTemporaryFile(dir=self.out_dir, prefix=f".{self.split}.", suffix=".tmp",
+                                                     delete=False)
+        self._starts.append(self._tokens)
+        self._file.write(np.asarray(ids, dtype=self.dtype).tobytes())
+        self._file.write(self._eot)
+        self._tokens += len(ids) + 1
+        if self._tokens >= self.shard_tokens:
             self._flush()
 
     def close(self) -> list[dict]:
-        if self._pending:
+        if self._file is not None:
             self._flush()
         return self.shards
 
     def _flush(self) -> None:
-        lengths = np.array([len(doc) for doc in self._pending], dtype=np.int64)
-        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
         name = shard_name(self.split, len(self.shards))
-        atomic_write_bytes(self.out_dir / name, np.concatenate(self._pending).tobytes())
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.chmod(self._file.name, 0o666 & ~current_umask())
+        os.replace(self._file.name, self.out_dir / name)
         buffer = io.BytesIO()
-        np.save(buffer, starts, allow_pickle=False)
+        np.save(buffer, np.array(self._starts, dtype=np.int64), allow_pickle=False)
         atomic_write_bytes(self.out_dir / index_name(name), buffer.getvalue())
-        self.shards.append({"file": name, "tokens": int(lengths.sum()), "documents": len(lengths)})
-        self._pending, self._pending_tokens = [], 0
+        self.shards.append({"file": name, "tokens": self._tokens, "documents": len(self._starts)})
+        self._file, self._starts, self._tokens = None, [], 0
 
 
 def read_manifest(data_dir: str | Path) -> dict:
