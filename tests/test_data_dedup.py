@@ -77,14 +77,19 @@ def test_minhash_estimate_matches_exact_jaccard(corpus):
             assert abs(est - true_jaccard(doc, copy)) < 0.15, kind
 
 
-def test_planted_near_duplicates_are_found(corpus):
+def planted_copies(corpus: list[str]) -> list[tuple[int, str, str]]:
+    """100 edited copies (original index, kind of edit, text) of real documents."""
     rng = random.Random(0)
-    hasher = MinHasher()
     sources = [i for i, d in enumerate(corpus) if len(d.split()) >= 150]
     planted = rng.sample(sources, 100)
     kinds = ["replace_1pct", "delete_2pct", "append_line", "truncate_5pct", "replace_15pct"]
-    copies = [(orig, kinds[k % len(kinds)], edit(corpus[orig], rng, kinds[k % len(kinds)]))
-              for k, orig in enumerate(planted)]
+    return [(orig, kinds[k % len(kinds)], edit(corpus[orig], rng, kinds[k % len(kinds)]))
+            for k, orig in enumerate(planted)]
+
+
+def test_planted_near_duplicates_are_found(corpus):
+    hasher = MinHasher()
+    copies = planted_copies(corpus)
     texts = corpus + [c for _, _, c in copies]
     signatures = np.stack([hasher.signature(t) for t in texts])
     pairs = {(i, j) for i, j, _ in near_duplicate_pairs(signatures, THRESHOLD)}
@@ -111,7 +116,7 @@ def test_planted_near_duplicates_are_found(corpus):
     assert truly_near >= 60
     # Copies just above 0.8 are missed when their estimate falls below it (standard error
     # ~0.035), so recall at the threshold itself is below 1 by design of any MinHash filter.
-    assert recall >= 0.9
+    assert recall >= 0.96
     assert not false_pos
 
     keep = near_duplicate_keep_mask(signatures, THRESHOLD)

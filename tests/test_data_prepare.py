@@ -72,7 +72,7 @@ def test_filters_dedup_and_hash_split_on_shared_corpora(tmp_path, tok_dir, tok):
 
     stages = {row["stage"]: row for row in manifest["stages"]}
     dropped = {name: f["dropped"] for name, f in manifest["filters"].items()}
-    assert stages["read"]["documents"] - stages["clean+filter"]["documents"] == sum(dropped.values())
+    assert stages["read"]["documents"] - stages["clean+filter+tokenize"]["documents"] == sum(dropped.values())
     assert dropped["gopher_word_count"] > 0 and dropped["gopher_dup_ngrams"] > 0
     assert stages["near dedup"]["documents"] == stages["exact dedup"]["documents"] - 1
     kept = decoded(tok, tmp_path / "data", "train") + decoded(tok, tmp_path / "data", "val")

@@ -114,9 +114,11 @@ def test_other_settings_in_an_existing_run_directory_are_refused(corpus, tmp_pat
 
 @pytest.mark.parametrize("overrides, message", [
     (dict(preset="nosuch"), "unknown preset 'nosuch'"),
-    (dict(lr=-1.0), "--lr: must be > 0"),
+    (dict(lr=-1.0), "--lr: must be a number > 0"),
+    (dict(minutes=float("inf")), "--minutes: must be a number > 0, got inf"),
+    (dict(seed=-1), "--seed: must be between 0 and 2"),
     (dict(vocab_size=10), "--vocab-size: must be at least 257"),
-    (dict(minutes=0.0), "--minutes: must be > 0"),
+    (dict(minutes=0.0), "--minutes: must be a number > 0"),
     (dict(global_batch_tokens=1000), "--global-batch-tokens: 1000 is not a multiple"),
     (dict(context_length=0), "--context-length: must be at least 1"),
     (dict(device="cuda"), "cuda requested"),
@@ -136,7 +138,7 @@ def test_every_setting_is_checked_before_anything_is_written(corpus, tmp_path, o
 
 def test_a_mistyped_command_line_is_one_line_and_writes_nothing(tmp_path):
     out = tmp_path / "run"
-    for args, code, message in ((["--lr", "-1"], 1, "--lr: must be > 0"),
+    for args, code, message in ((["--lr", "-1"], 1, "--lr: must be a number > 0"),
                                 (["--vocab-size", "10"], 1, "--vocab-size"),
                                 (["--preset", "nosuch"], 2, "invalid choice: 'nosuch'")):
         result = subprocess.run([sys.executable, "-m", "scratchlm", "run", "-o", str(out), *args],

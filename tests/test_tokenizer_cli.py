@@ -9,6 +9,7 @@ import pytest
 
 from scratchlm.cli import main
 from scratchlm.tokenizer import TOKENIZER_FILES, Tokenizer
+from tests.conftest import shared_file
 
 TEXT = "".join(f"Story {i}: the cat {i * 37} sat on mat {i % 11}; the dog ran.\n" for i in range(400)) + (
     "<|endoftext|>A new story.\n")
@@ -125,3 +126,19 @@ def test_summary_reports_invalid_utf8_and_skipped_binary_input(tmp_path, capsys)
     out = capsys.readouterr().out
     assert "300 byte(s) of invalid UTF-8 replaced by U+FFFD" in out
     assert "skipped 1 file(s) that look like binary data" in out and "noise.bin" in out
+
+
+def test_sample_mb_trains_on_a_deterministic_sample_and_says_so(tmp_path, capsys):
+    corpus = shared_file("corpora/tinyshakespeare.txt")  # 1.1 MB
+    args = ["tokenizer", "train", "--input", str(corpus), "--vocab-size", "300", "--sample-mb", "0.2",
+            "--no-progress"]
+    assert main([*args, "-o", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    assert "a sample of 0.2" in out and "up to --sample-mb 0.2" in out
+    assert main([*args, "-o", str(tmp_path / "b")]) == 0
+    capsys.readouterr()
+    assert Tokenizer.load(tmp_path / "a").fingerprint() == Tokenizer.load(tmp_path / "b").fingerprint()
+    assert main(["tokenizer", "train", "--input", str(corpus), "--vocab-size", "300", "--no-progress",
+                 "-o", str(tmp_path / "all")]) == 0
+    assert "a sample" not in capsys.readouterr().out
+    assert Tokenizer.load(tmp_path / "all").fingerprint() != Tokenizer.load(tmp_path / "a").fingerprint()

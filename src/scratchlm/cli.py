@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import os
 import sys
+from pathlib import Path
 
 from scratchlm import __version__
 from scratchlm.errors import ScratchLMError
@@ -46,6 +47,10 @@ class _Parser(argparse.ArgumentParser):
         kwargs.setdefault("formatter_class", _HelpFormatter)
         super().__init__(*args, **kwargs)
 
+    def error(self, message: str):
+        """One line, like every other error, pointing at --help instead of printing the usage."""
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
 
 def _add_overwrite_option(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--overwrite", action="store_true",
@@ -66,7 +71,7 @@ def _add_source_options(p: argparse.ArgumentParser) -> None:
 # --------------------------------------------------------------------------- tokenizer
 def _add_tokenizer_commands(sub: argparse._SubParsersAction) -> None:
     tok = sub.add_parser("tokenizer", help="train and use a byte-level BPE tokenizer")
-    tsub = tok.add_subparsers(dest="tokenizer_command", required=True)
+    tsub = tok.add_subparsers(dest="tokenizer_command", metavar="COMMAND", required=True)
 
     p = tsub.add_parser("train", help="train a BPE tokenizer on text",
                         description="Train byte-level BPE on documents read as every command reads "
@@ -77,9 +82,9 @@ def _add_tokenizer_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--special-token", action="append", default=None, metavar="T",
                    help="special token (repeatable; default: <|endoftext|>)")
     p.add_argument("--pattern", choices=["gpt2", "gpt4"], default="gpt2", help="pre-tokenization regex")
-    p.add_argument("--max-mb", type=float, default=None,
-                   help="train on a sample of about this many MB, taken round-robin across inputs "
-                        "(default: all of the input)")
+    p.add_argument("--sample-mb", type=float, default=None,
+                   help="train on a deterministic sample of a huge corpus: its first documents, taken "
+                        "round-robin across inputs, up to about this many MB (default: all of the input)")
     _add_source_options(p)
     p.add_argument("--workers", type=int, default=None, help="pre-tokenization processes (default: all CPUs)")
     p.add_argument("-o", "--out", required=True, metavar="DIR", help="tokenizer directory to write")
@@ -100,7 +105,8 @@ def _add_tokenizer_commands(sub: argparse._SubParsersAction) -> None:
     p = tsub.add_parser("decode", help="print the text of token ids (arguments, a file, or stdin)")
     p.add_argument("-t", "--tokenizer", required=True, metavar="DIR", help="tokenizer (or model) directory")
     p.add_argument("ids", nargs="*", type=str, help="token ids (default: whitespace-separated ids on stdin)")
-    p.add_argument("--input", metavar="FILE", help="file of whitespace-separated ids (default: stdin)")
+    p.add_argument("--input", metavar="FILE", help="file of whitespace-separated ids (default: the ids given, "
+                                                   "else stdin)")
     p.set_defaults(func=_tokenizer_decode)
 
     p = tsub.add_parser("info", help="describe a saved tokenizer")
@@ -113,7 +119,7 @@ def _tokenizer_train(args: argparse.Namespace) -> None:
 
     summary = train_tokenizer(args.input, args.vocab_size, args.out, special_tokens=args.special_token,
                               pattern=args.pattern, workers=args.workers, progress=not args.no_progress,
-                              max_mb=args.max_mb, text_field=args.text_field, doc_mode=args.doc_mode,
+                              sample_mb=args.sample_mb, text_field=args.text_field, doc_mode=args.doc_mode,
                               overwrite=args.overwrite)
     print(summary.describe())
 
@@ -129,8 +135,12 @@ def _open_text_input(path: str | None):
 
 
 def _tokenizer_encode(args: argparse.Namespace) -> None:
+    from scratchlm.sources import file_head, looks_binary, non_text_fraction
     from scratchlm.tokenizer.commands import encode_text
 
+    if args.input is not None and looks_binary(head := file_head(Path(args.input))):
+        raise ScratchLMError(f"{args.input} looks like binary data, not text ({non_text_fraction(head):.0%} "
+                             f"invalid UTF-8 or control characters)")
     with _open_text_input(None if args.text is not None else args.input) as f:
         ids = encode_text(args.tokenizer, [args.text] if args.text is not None else f,
                           allow_special=args.allow_special)
@@ -146,6 +156,8 @@ def _tokenizer_encode(args: argparse.Namespace) -> None:
 def _tokenizer_decode(args: argparse.Namespace) -> None:
     from scratchlm.tokenizer.commands import decode_ids
 
+    if args.ids and args.input:
+        raise ScratchLMError("give token ids or --input FILE, not both")
     if args.ids:
         sys.stdout.write(decode_ids(args.tokenizer, [" ".join(args.ids)]))
         return
@@ -165,7 +177,7 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
     from scratchlm.data.hub import CORPORA
 
     data = sub.add_parser("data", help="prepare token shards from raw corpora; download corpora")
-    dsub = data.add_subparsers(dest="data_command", required=True)
+    dsub = data.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
 
     p = dsub.add_parser("prepare", help="clean, filter, dedup, split, tokenize and pack into shards")
     p.add_argument("--input", nargs="+", required=True, metavar="SRC",
@@ -181,17 +193,36 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
     _add_source_options(p)
     p.add_argument("--profile", choices=["prose", "code"], default=None,
                    help="filter profile for all inputs (default: code for source files, else prose)")
-    p.add_argument("--workers", type=int, default=None, help="processes (default: all CPUs)")
+    p.add_argument("--workers", type=int, default=None, help="processes running tasks (default: all CPUs)")
+    p.add_argument("--num-tasks", type=int, default=_slurm("SLURM_ARRAY_TASK_COUNT"),
+                   help="cut the inputs into this many tasks; with --task-index, run only that one (a Slurm "
+                        "array job: defaults from SLURM_ARRAY_TASK_COUNT), then `data finalize` "
+                        "(default: one task per worker, all run, then finalized)")
+    p.add_argument("--task-index", type=int, default=_slurm_task_index(),
+                   help="the task to run, 0-based (default: SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN)")
+    p.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="run the tasks on local processes or on a Ray cluster (RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--keep-tasks", action="store_true", help="keep the tasks' files after finalizing")
     p.add_argument("--no-filter", nargs="+", default=[], metavar="NAME",
-                   help="switch off filters by name (the names in the closing table), or 'all'")
+                   help="switch off filters by name (the names in the closing table), or 'all' "
+                        "(default: none, every filter on)")
     p.add_argument("--no-dedup", action="store_true", help="skip exact and near-duplicate removal")
     p.add_argument("--near-dup-threshold", type=float, default=0.8,
                    help="MinHash Jaccard similarity above which documents are near-duplicates")
-    p.add_argument("--blocklist-words", metavar="FILE", help="drop documents containing these words")
-    p.add_argument("--blocklist-urls", metavar="FILE", help="drop documents linking these domains")
+    p.add_argument("--blocklist-words", metavar="FILE",
+                   help="drop documents containing these words, one per line (default: none)")
+    p.add_argument("--blocklist-urls", metavar="FILE",
+                   help="drop documents linking these domains, one per line (default: none)")
     p.add_argument("--scrub-pii", action="store_true", help="replace e-mails, IPv4 addresses, phone numbers")
     p.add_argument("--strict-json", action="store_true", help="malformed JSONL records are fatal")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_data_prepare)
+
+    p = dsub.add_parser("finalize", help="after every task of `data prepare --num-tasks N --task-index I`: "
+                                         "dedup across tasks, split, shards, manifest")
+    p.add_argument("out", metavar="DATA_DIR", help="the -o directory the tasks wrote into")
+    p.add_argument("--keep-tasks", action="store_true", help="keep the tasks' files after finalizing")
+    p.set_defaults(func=_data_finalize)
 
     table = "\n".join(f"  {name:<20}{corpus.description}\n  {'':<20}[{corpus.source}]"
                       for name, corpus in CORPORA.items())
@@ -214,10 +245,40 @@ def _data_prepare(args: argparse.Namespace) -> None:
         blocklist_words=args.blocklist_words, blocklist_urls=args.blocklist_urls, scrub_pii=args.scrub_pii,
         dedup=not args.no_dedup, near_dup_threshold=args.near_dup_threshold, val_inputs=tuple(args.val_input),
         val_fraction=args.val_fraction, split_by_position=args.split_by_position, workers=args.workers,
+        progress=not args.no_progress,
     )
-    manifest = prepare_data(args.input, args.tokenizer, args.out, config=config, overwrite=args.overwrite)
+    if args.task_index is not None:
+        from scratchlm.data import prepare_task
+
+        if args.num_tasks is None:
+            raise ScratchLMError("--task-index needs --num-tasks (or SLURM_ARRAY_TASK_COUNT)")
+        record = prepare_task(args.input, args.tokenizer, args.out, task_index=args.task_index,
+                              num_tasks=args.num_tasks, config=config, overwrite=args.overwrite)
+        print(f"task {args.task_index} of {args.num_tasks}: {record['documents']:,} documents kept, "
+              f"{record['seconds']:.1f} s; when all are done: scratchlm data finalize {args.out}")
+        return
+    manifest = prepare_data(args.input, args.tokenizer, args.out, config=config, overwrite=args.overwrite,
+                            num_tasks=args.num_tasks, executor=args.executor, keep_tasks=args.keep_tasks)
     print(format_stats_table(manifest))
     print(f"wrote {args.out}")
+
+
+def _data_finalize(args: argparse.Namespace) -> None:
+    from scratchlm.data import finalize_data, format_stats_table
+
+    print(format_stats_table(finalize_data(args.out, keep_tasks=args.keep_tasks)))
+    print(f"wrote {args.out}")
+
+
+def _slurm(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value and value.isdigit() else None
+
+
+def _slurm_task_index() -> int | None:
+    """This array element's 0-based index (arrays may be numbered from 1, or any --array=M-N)."""
+    task = _slurm("SLURM_ARRAY_TASK_ID")
+    return None if task is None else task - (_slurm("SLURM_ARRAY_TASK_MIN") or 0)
 
 
 def _data_download(args: argparse.Namespace) -> None:
@@ -279,12 +340,13 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     from scratchlm.model import PRESETS
 
     model = sub.add_parser("model", help="inspect model presets and model directories")
-    msub = model.add_subparsers(dest="model_command", required=True)
+    msub = model.add_subparsers(dest="model_command", metavar="COMMAND", required=True)
     p = msub.add_parser("info", help="architecture, parameter counts, FLOPs/token, memory")
     p.add_argument("model", metavar="PRESET|DIR",
                    help=f"a preset ({', '.join(PRESETS)}) or a model directory")
-    p.add_argument("--vocab-size", type=int, default=None, help="override a preset's vocab_size")
-    p.add_argument("--context-length", type=int, default=None, help="override a preset's context_length")
+    p.add_argument("--vocab-size", type=int, default=None, help="override a preset's vocab_size (default: the preset's)")
+    p.add_argument("--context-length", type=int, default=None,
+                   help="override a preset's context_length (default: the preset's)")
     p.add_argument("--batch-size", type=int, default=1, help="micro-batch for the memory estimate")
     p.set_defaults(func=_model_info)
 
@@ -297,6 +359,8 @@ def _model_info(args: argparse.Namespace) -> None:
 
     overrides = {k: v for k, v in (("vocab_size", args.vocab_size),
                                    ("context_length", args.context_length)) if v is not None}
+    if args.batch_size < 1:
+        raise ScratchLMError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.model in PRESETS:
         config, title = ModelConfig.from_preset(args.model, **overrides), f"preset {args.model}"
     elif Path(args.model).is_dir():
@@ -349,9 +413,10 @@ def _add_generate_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", required=True, help="text to continue ('' starts a new document)")
     p.add_argument("--max-tokens", type=int, default=256, help="tokens to generate at most")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy")
-    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens only")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="sample from the k most likely tokens only (default: off, all tokens)")
     p.add_argument("--top-p", type=float, default=None,
-                   help="sample from the smallest set of tokens whose probability reaches p")
+                   help="sample from the smallest set of tokens whose probability reaches p (default: off)")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible samples (default: random)")
     p.add_argument("--device", default="auto", choices=DEVICES, help="auto: cuda, then mps, then cpu")
     p.set_defaults(func=_generate)
@@ -363,7 +428,7 @@ def _generate(args: argparse.Namespace) -> None:
     from scratchlm.train.distributed import pick_device
 
     # Everything the user typed is checked before the seconds spent loading the model.
-    check_generation_args(args.max_tokens, args.temperature, args.top_k, args.top_p)
+    check_generation_args(args.max_tokens, args.temperature, args.top_k, args.top_p, args.seed)
     device = pick_device(args.device)
     model, tokenizer = load_model(args.model_dir, device=device)
 
@@ -410,6 +475,7 @@ def _add_run_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=d.device, choices=DEVICES, help="auto: cuda, then mps, then cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the whole run")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_run)
 
 
@@ -421,7 +487,7 @@ def _run(args: argparse.Namespace) -> None:
         minutes=args.minutes, out_dir=args.out, vocab_size=args.vocab_size,
         context_length=args.context_length, split_by_position=args.split_by_position,
         micro_batch_size=args.micro_batch_size, global_batch_tokens=args.global_batch_tokens,
-        lr=args.lr, seed=args.seed, device=args.device, compile=args.compile,
+        lr=args.lr, seed=args.seed, device=args.device, compile=args.compile, progress=not args.no_progress,
     ), overwrite=args.overwrite)
 
 
@@ -429,7 +495,7 @@ def _run(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="scratchlm", description="From raw text to a language model you trained yourself.")
     parser.add_argument("--version", action="version", version=f"scratchlm {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_run_command(sub)
     _add_tokenizer_commands(sub)
     _add_data_commands(sub)

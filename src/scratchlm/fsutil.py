@@ -93,6 +93,8 @@ def atomic_write_json(path: str | os.PathLike, obj, indent: int = 2) -> None:
 def check_output_directory(path: str | os.PathLike, overwrite: bool, what: str = "output") -> Path:
     """Refuse, before any work, an output path that is a file or a non-empty directory
     without `overwrite`. Returns the path made absolute (so `-o .` has a name and a parent)."""
+    if not str(path).strip():
+        raise ScratchLMError(f"the {what} needs a directory name (got an empty path)")
     path = Path(os.path.abspath(path))
     if path.exists() and not path.is_dir():
         raise ScratchLMError(f"{path} exists and is not a directory (the {what} needs a directory)")
@@ -104,7 +106,8 @@ def check_output_directory(path: str | os.PathLike, overwrite: bool, what: str =
         if entries:
             shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
             raise ScratchLMError(
-                f"{path} is not empty ({len(entries)} entries: {shown}); use --overwrite to write "
+                f"{path} is not empty ({len(entries)} {'entry' if len(entries) == 1 else 'entries'}: "
+                f"{shown}); use --overwrite to write "
                 f"the {what} into it (other files there are kept), or choose another directory")
     return path
 
@@ -171,3 +174,16 @@ def _remove(path: Path) -> None:
     else:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
+
+
+def remove_outputs(directory: Path, names: Iterable[str]) -> None:
+    """Remove the named entries of `directory` (files, or directories the calling command made
+    whole), then `directory` itself if that left it empty. Nothing else is touched: what a
+    user put beside a command's outputs stays."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return
+    for name in names:
+        _remove(directory / name)
+    with contextlib.suppress(OSError):
+        directory.rmdir()  # only when empty

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import platform
 import shlex
@@ -29,7 +30,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from scratchlm.errors import ScratchLMError
-from scratchlm.fsutil import atomic_write_json, atomic_write_text, check_output_directory, make_directory
+from scratchlm.fsutil import (atomic_write_json, atomic_write_text, check_output_directory, make_directory,
+                              remove_outputs)
 
 STAGES = ("tokenizer", "data", "train", "eval", "samples")
 
@@ -66,6 +68,7 @@ class RunSettings:
     seed: int = 1337
     device: str = "auto"
     compile: bool = False
+    progress: bool = True  # progress bars on stderr
 
     def resolved_out_dir(self) -> Path:
         if self.out_dir:
@@ -80,6 +83,7 @@ class RunSettings:
         from scratchlm.data.hub import CORPORA
         from scratchlm.model import PRESETS, ModelConfig
         from scratchlm.sources import resolve_input
+        from scratchlm.train.config import check_seed
         from scratchlm.train.distributed import pick_device
 
         if not self.corpus:
@@ -89,9 +93,11 @@ class RunSettings:
                 resolve_input(spec)
         if self.preset not in PRESETS:
             raise ScratchLMError(f"--preset: unknown preset {self.preset!r}; known: {', '.join(PRESETS)}")
-        for name, low in (("minutes", 0.0), ("lr", 0.0), ("tokenizer_sample_mb", 0.0)):
-            if not getattr(self, name) > low:
-                raise ScratchLMError(f"--{name.replace('_', '-')}: must be > 0, got {getattr(self, name)!r}")
+        for name in ("minutes", "lr", "tokenizer_sample_mb"):
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise ScratchLMError(f"--{name.replace('_', '-')}: must be a number > 0, got {value!r}")
+        check_seed(self.seed, "--seed")
         for name, low in (("micro_batch_size", 1), ("global_batch_tokens", 1), ("context_length", 1),
                           ("eval_documents", 1), ("warmup_steps", 0), ("sample_tokens", 0)):
             if getattr(self, name) < low:
@@ -112,11 +118,11 @@ class RunSettings:
 
 
 # Settings that may change between invocations of the same run without invalidating it.
-_MAY_CHANGE = {"out_dir", "device", "minutes"}
-# What a run writes into its directory: all that `--overwrite` removes. Downloads are kept
-# (a cache of public corpora, expensive to fetch again).
-RUN_OUTPUTS = ("run.json", "tokenizer", "data", "train", "samples.json", "report.md", "report.json",
-               "loss.png")
+_MAY_CHANGE = {"out_dir", "device", "minutes", "progress"}
+# Files the run writes at the top of its directory; its stages' directories are removed by
+# their own owners (only their outputs). Downloads are kept: a cache of public corpora,
+# expensive to fetch again.
+RUN_FILES = ("run.json", "samples.json", "report.md", "report.json", "loss.png")
 
 
 class _Run:
@@ -132,12 +138,17 @@ class _Run:
 
     # ------------------------------------------------------------------ state
     def _start_over(self) -> None:
-        for name in RUN_OUTPUTS:
-            path = self.dir / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
+        """Remove what an earlier run wrote here (its files only, never the user's)."""
+        from scratchlm.data.finalize import remove_data_directory
+        from scratchlm.tokenizer import TOKENIZER_FILES
+        from scratchlm.train.loop import remove_training_run
+
+        remove_outputs(self.dir / "tokenizer", TOKENIZER_FILES)
+        remove_data_directory(self.dir / "data")
+        if (self.dir / "train").is_dir():
+            remove_training_run(self.dir / "train")
+            remove_outputs(self.dir / "train", ())
+        remove_outputs(self.dir, RUN_FILES)
 
     def _load_state(self, may_hold_other_files: bool) -> dict[str, Any]:
         wanted = dataclasses.asdict(self.settings)
@@ -198,8 +209,8 @@ class _Run:
             return hash_fraction(clean_text(doc.text, doc.profile)) < s.val_fraction
 
         hash_split = not (val_inputs or s.split_by_position)
-        summary = train_tokenizer(train_inputs, s.vocab_size, self.dir / "tokenizer", progress=True,
-                                  max_mb=s.tokenizer_sample_mb, overwrite=True,
+        summary = train_tokenizer(train_inputs, s.vocab_size, self.dir / "tokenizer", progress=s.progress,
+                                  sample_mb=s.tokenizer_sample_mb, overwrite=True,
                                   exclude=held_out_by_data_stage if hash_split else None)
         self.say(summary.describe())
         return {"vocab_size": summary.vocab_size, "sample_bytes": summary.input_bytes,
@@ -212,7 +223,7 @@ class _Run:
         s = self.settings
         train_inputs, val_inputs = self.inputs()
         config = PrepareConfig(val_inputs=tuple(val_inputs), val_fraction=s.val_fraction,
-                               split_by_position=s.split_by_position)
+                               split_by_position=s.split_by_position, progress=s.progress)
         manifest = prepare_data(train_inputs, self.dir / "tokenizer", self.dir / "data",
                                 config=config, overwrite=True)
         self.say(format_stats_table(manifest))
@@ -237,6 +248,7 @@ class _Run:
             f"run.seed={s.seed}",
             f"run.device={s.device}",
             f"run.compile={str(s.compile).lower()}",
+            f"run.progress={str(s.progress).lower()}",
             "run.eval_every=250",
             "run.checkpoint_every=100",
             "run.checkpoint_minutes=1.0",
@@ -342,6 +354,16 @@ class _Run:
         make_directory(self.dir)
         self._save_state()
         self._extend_training()
+        try:
+            return self._execute_stages()
+        except ScratchLMError:
+            # Failed before any stage finished (a download, say): the run leaves nothing.
+            if not any(stage.get("done") for stage in self.state["stages"].values()):
+                remove_outputs(self.dir / "downloads", ())
+                remove_outputs(self.dir, ["run.json"])
+            raise
+
+    def _execute_stages(self) -> dict[str, Any]:
         for stage in STAGES:
             if self.done(stage):
                 self.say(f"== {stage}: done already, skipped")

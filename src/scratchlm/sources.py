@@ -100,16 +100,17 @@ class SourceStats:
         """One line per kind of problem met, for summaries ([] when the input was clean)."""
         lines = []
         if self.binary_files:
-            lines.append(f"{self.input}: skipped {len(self.binary_files)} file(s) that look like binary "
-                         f"data, not text: {_shown(self.binary_files)}")
+            lines.append(f"skipped {len(self.binary_files)} file(s) that look like binary data, not text: "
+                         f"{_shown(self.binary_files)}")
         if self.invalid_utf8_bytes:
-            files = _shown(self.invalid_utf8_files)
-            lines.append(f"{self.input}: {self.invalid_utf8_bytes:,} byte(s) of invalid UTF-8 "
-                         f"replaced by U+FFFD (in {files})")
+            lines.append(f"{self.invalid_utf8_bytes:,} byte(s) of invalid UTF-8 replaced by U+FFFD (in "
+                         f"{_shown(self.invalid_utf8_files)})")
         if self.malformed:
-            lines.append(f"{self.input}: {self.malformed:,} malformed record(s) skipped "
-                         f"(first: {'; '.join(self.malformed_examples)})")
-        return lines
+            lines.append(f"{self.malformed:,} malformed record(s) skipped (first: "
+                         f"{'; '.join(self.malformed_examples)})")
+        # Files are named in each line; a directory or glob is named first, for context.
+        single_file = Path(self.input).is_file()
+        return lines if single_file else [f"{self.input}: {line}" for line in lines]
 
 
 def _shown(items: list[str]) -> str:
@@ -232,6 +233,13 @@ def decode_utf8(data: bytes) -> tuple[str, int]:
             _InvalidBytes.active = None
 
 
+def _read_errors() -> tuple[type[BaseException], ...]:
+    """What reading a (compressed) file raises on corrupt or truncated data."""
+    import zstandard
+
+    return OSError, EOFError, zstandard.ZstdError
+
+
 def _decoded_blocks(raw: IO[bytes], stats: SourceStats, where: str) -> Iterator[str]:
     """Text of a binary stream, READ_BLOCK_BYTES at a time, invalid bytes counted.
 
@@ -243,7 +251,7 @@ def _decoded_blocks(raw: IO[bytes], stats: SourceStats, where: str) -> Iterator[
     while True:
         try:
             data = raw.read(READ_BLOCK_BYTES)
-        except (OSError, EOFError) as exc:
+        except _read_errors() as exc:
             raise ScratchLMError(f"cannot read {where}: {exc}") from None
         _InvalidBytes.active = counter
         try:
@@ -392,6 +400,8 @@ def _iter_jsonl(path: Path, text_field: str, strict: bool, stats: SourceStats,
             raw = io.BufferedReader(_Window(raw, start, end))
         try:
             for index, line in enumerate(raw):
+                if index == 0 and start == 0:
+                    line = line.removeprefix(codecs.BOM_UTF8)  # a BOM is not part of the first record
                 if not line.strip():
                     continue
                 decoded, bad = decode_utf8(line)
@@ -403,7 +413,7 @@ def _iter_jsonl(path: Path, text_field: str, strict: bool, stats: SourceStats,
                     _malformed(stats, f"{path}:{line_number}", str(exc), strict)
                     continue
                 yield text, url
-        except (OSError, EOFError) as exc:
+        except _read_errors() as exc:
             raise ScratchLMError(f"cannot read {path}: {exc}") from None
     if invalid:
         stats.invalid_utf8_bytes += invalid
@@ -507,7 +517,7 @@ def file_head(path: Path) -> str:
     with open_binary(path) as raw:
         try:
             data = raw.read(READ_BLOCK_BYTES)
-        except (OSError, EOFError) as exc:
+        except _read_errors() as exc:
             raise ScratchLMError(f"cannot read {path}: {exc}") from None
     return data.decode("utf-8", errors="replace")
 

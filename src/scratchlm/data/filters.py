@@ -102,8 +102,10 @@ def _read_list(path: str | None) -> list[str]:
         return []
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise ScratchLMError(f"blocklist {path} is not UTF-8 text (invalid byte at {exc.start})") from None
     except OSError as exc:
-        raise ScratchLMError(f"cannot read blocklist {path}: {exc.strerror}") from exc
+        raise ScratchLMError(f"cannot read blocklist {path}: {exc.strerror}") from None
     return [line.strip().lower() for line in lines if line.strip() and not line.startswith("#")]
 
 

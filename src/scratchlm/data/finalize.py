@@ -34,7 +34,7 @@ from scratchlm.data.shards import FORMAT_VERSION, MANIFEST, ShardWriter, index_n
 from scratchlm.data.split import cut_at_line, position_cut, split_by_fraction
 from scratchlm.data.tasks import ALWAYS_ON, DOC_RECORD, DROP_REASONS, TASKS_DIR, band_file, read_task, task_name
 from scratchlm.errors import ScratchLMError
-from scratchlm.fsutil import atomic_directory, atomic_write_json
+from scratchlm.fsutil import atomic_directory, atomic_write_json, remove_outputs
 from scratchlm.sources import SHOWN_PROBLEMS, SourceStats
 
 # Fields every task of one data directory must agree on (named when they do not).
@@ -144,10 +144,11 @@ def finalize_data(out_dir: str | Path, *, keep_tasks: bool = False, progress: bo
     stats = _merge_sources(records, sources, config)
     dropped = {name: sum(r["dropped"][name] for r in records) for name in DROP_REASONS}
     log = _StageLog(started)
-    log.add("read", sum(s.documents for s in stats), sum(s.bytes for s in stats),
-            tasks_seconds if tasks_seconds is not None else sum(r["seconds"] for r in records))
+    log.add("read", sum(s.documents for s in stats), sum(s.bytes for s in stats), 0.0)
     kept = np.arange(len(docs))
-    log.add("clean+filter", len(kept), int(docs["bytes"].sum()))
+    # The tasks read, clean, filter and tokenize in one pass: their time is one figure.
+    log.add("clean+filter+tokenize", len(kept), int(docs["bytes"].sum()),
+            tasks_seconds if tasks_seconds is not None else sum(r["seconds"] for r in records))
 
     if config.dedup and len(kept):
         _, first_copies = np.unique(docs["key"], return_index=True)
@@ -159,8 +160,9 @@ def finalize_data(out_dir: str | Path, *, keep_tasks: bool = False, progress: bo
         log.add("near dedup", len(kept), int(docs["bytes"][kept].sum()))
     if not len(kept):
         drops = ", ".join(f"{k}={v}" for k, v in dropped.items() if v) or "none"
+        problems = "".join(f"; {line}" for s in stats for line in s.problems())
         raise ScratchLMError(f"no documents left after filtering and dedup (read "
-                             f"{sum(s.documents for s in stats)}; drops: {drops})")
+                             f"{sum(s.documents for s in stats)}; drops: {drops}{problems})")
 
     splits = _assign_splits(kept, files, sources, config, first)
     for name in ("train", "val"):
@@ -173,10 +175,10 @@ def finalize_data(out_dir: str | Path, *, keep_tasks: bool = False, progress: bo
             split_info = _write_shards(splits, files, tmp, dtype, eot_id, config, progress)
         finally:
             files.close()
-        log.add("tokenize+write", sum(i["documents"] for i in split_info.values()),
+        log.add("write shards", sum(i["documents"] for i in split_info.values()),
                 sum(i["bytes"] for i in split_info.values()))
         manifest = _manifest(first, config, dtype, stats, sources, dropped, records, log.rows, split_info,
-                             bands, rows, time.perf_counter() - started + log.rows[0]["seconds"])
+                             bands, rows, time.perf_counter() - started + log.rows[1]["seconds"])
         atomic_write_json(tmp / MANIFEST, manifest)
     if not keep_tasks:
         shutil.rmtree(out_dir / TASKS_DIR, ignore_errors=True)
@@ -285,6 +287,12 @@ class _StageLog:
         self.rows.append({"stage": name, "documents": int(documents), "bytes": int(size),
                           "seconds": round(seconds if seconds is not None else now - self._last, 3)})
         self._last = now
+
+
+def remove_data_directory(out_dir: Path) -> None:
+    """Remove what `data prepare` wrote into `out_dir` (manifest, the shards it names, tasks),
+    and nothing else."""
+    remove_outputs(out_dir, [*_previous_outputs(out_dir), TASKS_DIR])
 
 
 def _previous_outputs(out_dir: Path) -> list[str]:

@@ -20,6 +20,7 @@ import contextlib
 import multiprocessing
 import os
 import shutil
+import socket
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -106,17 +107,19 @@ def prepare_data(
 @contextlib.contextmanager
 def _removed_if_it_fails(out_dir: Path) -> Iterator[None]:
     """On an error (bad input, nothing left to train on), remove what this run created: its
-    tasks, and the directories if it made them. An interrupt keeps finished tasks: re-running
-    continues from them."""
+    tasks, and the directories if it made them. An interrupt keeps the finished tasks, for
+    the next run to continue from, and removes the unfinished ones' temporary directories
+    (workers stopped midway leave them)."""
     tasks = out_dir / TASKS_DIR
     existed = {path for path in (out_dir, tasks) if path.exists()}
     earlier = set(tasks.iterdir()) if tasks.is_dir() else set()
     try:
         yield
-    except ScratchLMError:
+    except BaseException as exc:
         if tasks.is_dir():
             for path in set(tasks.iterdir()) - earlier:
-                shutil.rmtree(path, ignore_errors=True)
+                if isinstance(exc, ScratchLMError) or path.name.startswith("."):
+                    shutil.rmtree(path, ignore_errors=True)
         for path in (tasks, out_dir):
             if path not in existed:
                 with contextlib.suppress(OSError):
@@ -190,6 +193,8 @@ def _run_on_ray(out_dir: Path, plan: Plan, pending: list[int], config: PrepareCo
     address = os.environ.get("RAY_ADDRESS")
     started_here = not ray.is_initialized()
     if started_here:
+        if address:
+            _check_reachable(address)
         try:
             ray.init(address="auto" if address else None, include_dashboard=False, log_to_driver=False,
                      configure_logging=False)
@@ -215,6 +220,19 @@ def _run_on_ray(out_dir: Path, plan: Plan, pending: list[int], config: PrepareCo
             ray.shutdown()
 
 
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Ray waits minutes for a cluster that is not there; a TCP connect says so at once."""
+    host_port = address.split("://", 1)[-1].rsplit("/", 1)[0]
+    host, _, port = host_port.rpartition(":")
+    if not host or not port.isdigit():
+        raise ScratchLMError(f"RAY_ADDRESS {address!r} is not HOST:PORT (or ray://HOST:PORT)")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ScratchLMError(f"cannot reach the Ray cluster at {address} (RAY_ADDRESS): "
+                             f"{exc.strerror or type(exc).__name__}") from None
+
+
 def _ray_task(out_dir: str, plan: Plan, index: int, config: PrepareConfig, tokenizer_dir: str, overwrite: bool) -> int:
     from scratchlm.tokenizer import Tokenizer
 
@@ -226,9 +244,9 @@ def _ray_task(out_dir: str, plan: Plan, index: int, config: PrepareConfig, token
 # --------------------------------------------------------------------------- the closing table
 def format_stats_table(manifest: dict) -> str:
     """The closing summary: documents and bytes after each stage, drops per filter, tokens."""
-    lines = [f"{'stage':<16}{'documents':>12}{'MB':>11}{'seconds':>10}"]
+    lines = [f"{'stage':<22}{'documents':>12}{'MB':>11}{'seconds':>10}"]
     for row in manifest["stages"]:
-        lines.append(f"{row['stage']:<16}{row['documents']:>12,}{row['bytes'] / 1e6:>11.3f}{row['seconds']:>10.2f}")
+        lines.append(f"{row['stage']:<22}{row['documents']:>12,}{row['bytes'] / 1e6:>11.3f}{row['seconds']:>10.2f}")
     drops = [(name, f["dropped"]) for name, f in manifest["filters"].items() if f["dropped"]]
     if drops:
         lines.append("dropped by filter: " + ", ".join(f"{name} {n:,}" for name, n in drops))

@@ -23,11 +23,13 @@ if TYPE_CHECKING:
 
 
 def check_generation_args(max_new_tokens: int, temperature: float, top_k: int | None,
-                          top_p: float | None) -> None:
+                          top_p: float | None, seed: int | None = None) -> None:
     """Raise a one-line error for a bad option (call it before loading a model)."""
     if max_new_tokens < 1:
         raise ScratchLMError(f"max tokens must be at least 1, got {max_new_tokens}")
     check_sampling_args(temperature, top_k, top_p)
+    if seed is not None and not 0 <= seed < 2**63:
+        raise ScratchLMError(f"seed must be between 0 and 2^63 - 1, got {seed}")
 
 
 def generate(model: Transformer, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 256,
@@ -41,7 +43,7 @@ def generate(model: Transformer, tokenizer: Tokenizer, prompt: str, max_new_toke
     end; `notice` is told so. Temperature 0 is greedy. With a seed the output is reproducible
     (on the same device); without one it draws from torch's global generator.
     """
-    check_generation_args(max_new_tokens, temperature, top_k, top_p)
+    check_generation_args(max_new_tokens, temperature, top_k, top_p, seed)
     device = model.tok_emb.weight.device
     prompt_ids = tokenizer.encode_ordinary(prompt)
     if tokenizer.eot_id is not None:

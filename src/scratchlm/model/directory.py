@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from scratchlm.errors import ScratchLMError
-from scratchlm.fsutil import atomic_directory, atomic_write_json
+from scratchlm.fsutil import atomic_directory, atomic_write_json, current_umask
 from scratchlm.model.config import ModelConfig
 from scratchlm.model.transformer import Transformer
 
@@ -29,6 +29,13 @@ if TYPE_CHECKING:
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+
+
+def model_files() -> tuple[str, ...]:
+    """The files a model directory consists of (what replacing one removes)."""
+    from scratchlm.tokenizer import TOKENIZER_FILES
+
+    return (CONFIG_FILE, WEIGHTS_FILE, *TOKENIZER_FILES)
 _TIED_HEAD = "lm_head.weight"
 
 
@@ -53,6 +60,7 @@ def save_model(directory: str | os.PathLike, model: Transformer, tokenizer: Toke
             save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         except (SafetensorError, OSError) as exc:  # e.g. disk full: safetensors writes in Rust
             raise ScratchLMError(f"cannot write {Path(directory) / WEIGHTS_FILE}: {exc}") from None
+        os.chmod(tmp / WEIGHTS_FILE, 0o666 & ~current_umask())  # safetensors creates it 0600
         tokenizer.save(tmp)
     return Path(directory)
 

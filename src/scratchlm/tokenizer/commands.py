@@ -17,7 +17,7 @@ from scratchlm.sources import (DOC_MODES, Document, SourceStats, check_inputs, h
 from scratchlm.tokenizer.files import TOKENIZER_FILES, TOKENIZER_JSON
 from scratchlm.tokenizer.pretokenize import pattern_regex
 from scratchlm.tokenizer.tokenizer import ENDOFTEXT, Tokenizer
-from scratchlm.tokenizer.train import check_vocab_size, train_bpe
+from scratchlm.tokenizer.train import NoTextError, check_vocab_size, train_bpe
 
 # Compression is measured on held-out documents: those whose hash (a coin independent of the
 # data stage's validation split) falls below HOLDOUT_FRACTION, up to HOLDOUT_MAX_BYTES.
@@ -41,6 +41,8 @@ class TrainSummary:
     heldout_tokens: int  # their token count (ordinary text: no special tokens)
     binary_documents: int = 0  # skipped: they look like binary data, not text
     problems: tuple[str, ...] = ()  # invalid UTF-8 and malformed records met while reading
+    sample_mb: float | None = None  # reading stopped at this much (--sample-mb), or None: all read
+    requested_vocab_size: int | None = None  # when the corpus could not fill the vocabulary
 
     @property
     def mb_per_s(self) -> float:
@@ -57,12 +59,18 @@ class TrainSummary:
         else:
             compression = (f"compression: no held-out document (one in {round(1 / HOLDOUT_FRACTION)} "
                            f"is held out; this corpus has {self.documents})")
+        read = (f"a sample of {self.input_bytes / 1e6:,.2f} MB (the first documents of each input, "
+                f"round-robin, up to --sample-mb {self.sample_mb:g})" if self.sample_mb is not None
+                else f"{self.input_bytes / 1e6:,.2f} MB")
         lines = [
             f"trained {self.vocab_size} tokens ({self.num_merges} merges, special tokens "
-            f"{self.special_tokens}) on {self.documents:,} document(s) in {self.seconds:.2f} s, "
-            f"{self.mb_per_s:.2f} MB/s of input",
+            f"{self.special_tokens}) on {self.documents:,} document(s), {read}, in {self.seconds:.2f} s "
+            f"({self.mb_per_s:.2f} MB/s)",
             compression,
         ]
+        if self.requested_vocab_size and self.requested_vocab_size > self.vocab_size:
+            lines.append(f"note: {self.vocab_size} tokens, not the {self.requested_vocab_size} asked for: the "
+                         f"text has no more pairs of tokens to merge (a larger corpus fills a larger vocabulary)")
         if self.binary_documents:
             lines.append(f"skipped {self.binary_documents} document(s) that look like binary data, not text")
         lines += list(self.problems)
@@ -79,7 +87,7 @@ def train_tokenizer(
     workers: int | None = None,
     progress: bool = False,
     *,
-    max_mb: float | None = None,
+    sample_mb: float | None = None,
     text_field: str = "text",
     doc_mode: str = "auto",
     overwrite: bool = False,
@@ -89,7 +97,7 @@ def train_tokenizer(
     documents, skip binary ones, hold out a sample for the compression figure, train on the
     rest, save to `out_dir` (atomically; a non-empty directory needs `overwrite`), summarise.
 
-    `max_mb` trains on a sample of about that many megabytes, taken round-robin across the
+    `sample_mb` trains on a sample of about that many megabytes, taken round-robin across the
     inputs so that every input is represented. `exclude(document)` leaves documents out (the
     run leaves out what the data stage will hold out for validation).
     """
@@ -97,8 +105,10 @@ def train_tokenizer(
     check_inputs(specs)
     specials = check_vocab_size(vocab_size, [ENDOFTEXT] if special_tokens is None else special_tokens)
     pattern_regex(pattern)  # an unknown name fails before any work
-    if max_mb is not None and not max_mb > 0:
-        raise ScratchLMError(f"max_mb must be > 0, got {max_mb}")
+    if sample_mb is not None and not sample_mb > 0:
+        raise ScratchLMError(f"--sample-mb must be > 0, got {sample_mb}")
+    if workers is not None and workers < 1:
+        raise ScratchLMError(f"--workers must be at least 1, got {workers}")
     if doc_mode not in DOC_MODES:
         raise ScratchLMError(f"doc_mode must be one of {', '.join(DOC_MODES)}, got {doc_mode!r}")
     out_dir = check_output_directory(out_dir, overwrite, "tokenizer")
@@ -106,20 +116,17 @@ def train_tokenizer(
     stats = [SourceStats(input=spec) for spec in specs]
     streams = [iter_documents_from(spec, stats=spec_stats, text_field=text_field, doc_mode=doc_mode)
                for spec, spec_stats in zip(specs, stats)]
-    documents = round_robin(streams) if max_mb is not None else itertools.chain.from_iterable(streams)
+    documents = round_robin(streams) if sample_mb is not None else itertools.chain.from_iterable(streams)
     texts = (doc.text for doc in documents if exclude is None or not exclude(doc))
-    split = _HoldOut(int(max_mb * 1e6) if max_mb is not None else None)
+    split = _HoldOut(int(sample_mb * 1e6) if sample_mb is not None else None)
 
     started = time.perf_counter()
     with _progress_bars(progress, vocab_size - 256 - len(specials)) as (on_chars, on_merge):
         try:
             vocab, merges = train_bpe(split.training_texts(texts), vocab_size, specials, pattern=pattern,
                                       workers=workers, on_chars=on_chars, on_merge=on_merge)
-        except ScratchLMError:
-            if split.documents:
-                raise
-            binary_files = [f for spec_stats in stats for f in spec_stats.binary_files]
-            raise ScratchLMError(split.why_no_text(", ".join(specs), binary_files)) from None
+        except NoTextError:
+            raise ScratchLMError(split.why_no_text(", ".join(specs), stats)) from None
     tokenizer = Tokenizer(vocab, merges, specials, pattern=pattern)
     seconds = time.perf_counter() - started
 
@@ -139,6 +146,8 @@ def train_tokenizer(
         heldout_tokens=heldout_tokens,
         binary_documents=split.binary,
         problems=tuple(line for s in stats for line in s.problems()),
+        sample_mb=sample_mb,
+        requested_vocab_size=vocab_size,
     )
 
 
@@ -170,13 +179,14 @@ class _HoldOut:
             if self.max_bytes is not None and self.bytes >= self.max_bytes:
                 return
 
-    def why_no_text(self, what: str, binary_files: list[str]) -> str:
-        if binary_files:
-            return f"no text to train on in {what}: binary data, not text: {', '.join(binary_files[:3])}"
+    def why_no_text(self, what: str, stats: list[SourceStats]) -> str:
+        problems = "; ".join(line for s in stats for line in s.problems())
         if self.binary:
-            return (f"no text to train on in {what}: {self.binary} document(s) look like binary data "
-                    f"({self.worst_non_text:.0%} of their characters are invalid UTF-8 or control "
-                    f"characters), not text")
+            problems = "; ".join(filter(None, [problems, (
+                f"{self.binary} document(s) look like binary data ({self.worst_non_text:.0%} of their "
+                f"characters are invalid UTF-8 or control characters)")]))
+        if problems:
+            return f"no text to train on in {what}: {problems}"
         return f"no text to train on in {what} (empty, or only held-out documents)"
 
 

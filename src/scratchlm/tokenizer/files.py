@@ -71,6 +71,8 @@ def load_tokenizer(directory: str | os.PathLike):
     from scratchlm.tokenizer.tokenizer import Tokenizer
 
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ScratchLMError(f"{directory} is a file, not a tokenizer (or model) directory")
     if not directory.is_dir():
         raise ScratchLMError(f"tokenizer directory not found: {directory}")
     settings_path = directory / TOKENIZER_JSON

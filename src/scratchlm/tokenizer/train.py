@@ -154,13 +154,17 @@ def train_bpe(
     pattern_regex(pattern)  # an unknown name fails before any work
     word_counts = count_pretokens(texts, pattern, workers, on_progress=on_chars)
     if not word_counts:
-        raise ScratchLMError("no text to train on")
+        raise NoTextError("no text to train on")
     token_bytes, merge_ids = bpe_merges(word_counts, vocab_size - 256 - len(specials), on_merge)
     vocab = dict(enumerate(token_bytes))
     for token in specials:
         vocab[len(vocab)] = token.encode("utf-8")
     merges = [(token_bytes[a], token_bytes[b]) for a, b in merge_ids]
     return vocab, merges
+
+
+class NoTextError(ScratchLMError):
+    """The documents held no text at all (the caller knows why: empty input, binary data...)."""
 
 
 def check_vocab_size(vocab_size: int, special_tokens: Iterable[str]) -> list[str]:

@@ -40,6 +40,11 @@ def checkpoint_name(step: int) -> str:
     return f"{_PREFIX}{step:07d}"
 
 
+def is_checkpoint_name(name: str) -> bool:
+    """A checkpoint directory's name, or a checkpoint's temporary one (left by a killed save)."""
+    return name.startswith(_PREFIX) or (name.startswith(f".{_PREFIX}") and name.endswith(".tmp"))
+
+
 def list_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoints, oldest first (temporary directories start with '.')."""
     if not root.is_dir():

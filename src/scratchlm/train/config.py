@@ -12,6 +12,7 @@ and `scratchlm --help` must stay fast.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -125,9 +126,10 @@ class TrainConfig:
     optimizer: OptimizerSection = field(default_factory=OptimizerSection)
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
     run: RunSection = field(default_factory=RunSection)
+    source: str = field(default="", compare=False, repr=False)  # the file it was read from, if any
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        return dataclasses.asdict(self)
+        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTION_NAMES}
 
     def validate(self) -> None:
         """Checks that need no files: one budget set, known choices, positive sizes."""
@@ -149,6 +151,13 @@ class TrainConfig:
             value = getattr(getattr(self, section), key)
             if value is not None and not value > 0:
                 raise ScratchLMError(f"config field {name}: must be > 0, got {value!r}")
+        for name in ("run.max_minutes", "run.checkpoint_minutes", "optimizer.lr", "optimizer.weight_decay",
+                     "optimizer.grad_clip", "optimizer.eps"):
+            section, key = name.split(".")
+            value = getattr(getattr(self, section), key)
+            if value is not None and not math.isfinite(value):
+                raise ScratchLMError(f"config field {name}: must be a finite number, got {value!r}")
+        check_seed(run.seed, "config field run.seed")
         if run.eval_batches < 0:
             raise ScratchLMError(f"config field run.eval_batches: must be >= 0, got {run.eval_batches!r}")
         if not 0.0 <= sched.min_lr_ratio <= 1.0:
@@ -161,7 +170,8 @@ class TrainConfig:
             raise ScratchLMError("config field data.dir: required (a prepared data directory)")
 
 
-SECTIONS: dict[str, type] = typing.get_type_hints(TrainConfig)
+SECTION_NAMES = ("model", "data", "optimizer", "schedule", "run")
+SECTIONS: dict[str, type] = {name: typing.get_type_hints(TrainConfig)[name] for name in SECTION_NAMES}
 
 
 def field_types(section: str) -> dict[str, Any]:
@@ -193,6 +203,7 @@ def load_train_config(path: str | Path | None, overrides: list[str] | tuple[str,
         source = str(path)
         raw = _read_file(path)
     config = config_from_dict(raw, source)
+    config.source = str(path) if path is not None else ""
     for item in overrides:
         apply_override(config, item)
     config.validate()
@@ -248,9 +259,16 @@ def dump_config_yaml(config: TrainConfig) -> str:
 
 # --------------------------------------------------------------------------- helpers
 def _read_file(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        raise ScratchLMError(f"config file {path} is a directory")
     if not path.is_file():
         raise ScratchLMError(f"config file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ScratchLMError(f"{path}: not a YAML or TOML text file (invalid UTF-8 at byte {exc.start})") from None
+    except OSError as exc:
+        raise ScratchLMError(f"cannot read {path}: {exc.strerror}") from None
     if path.suffix == ".toml":
         try:
             return tomllib.loads(text)
@@ -315,6 +333,12 @@ def _number(value: float | str) -> int | float | None:
             return float(value)
         except ValueError:
             return None
+
+
+def check_seed(seed: int, what: str) -> None:
+    """Seeds feed numpy's generators (non-negative) and torch's (64-bit): [0, 2^63)."""
+    if not 0 <= seed < 2**63:
+        raise ScratchLMError(f"{what}: must be between 0 and 2^63 - 1, got {seed}")
 
 
 def _choose(name: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -47,11 +47,10 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
             name = "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise ScratchLMError("config field run.device: cuda requested but no CUDA device "
-                                 "is available")
+            raise ScratchLMError("device cuda requested but no CUDA device is available (use auto or cpu)")
         return torch.device("cuda", local_rank)
     if name == "mps" and not torch.backends.mps.is_available():
-        raise ScratchLMError("config field run.device: mps requested but not available")
+        raise ScratchLMError("device mps requested but not available (use auto or cpu)")
     return torch.device(name)
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import shutil
 import signal
 import sys
 import threading
@@ -27,7 +26,7 @@ import torch
 from torch import nn
 
 from scratchlm.errors import ScratchLMError
-from scratchlm.fsutil import atomic_write_json, atomic_write_text, check_output_directory
+from scratchlm.fsutil import atomic_write_json, atomic_write_text, check_output_directory, remove_outputs
 from scratchlm.train import checkpoint as ckpt
 from scratchlm.train.config import TrainConfig, dump_config_yaml
 from scratchlm.train.bpb import bits_per_byte, loss_per_token, score_sums
@@ -56,6 +55,9 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False, *, ove
     """
     config.validate()
     out_dir = check_run_directory(Path(out_dir), resume, overwrite)
+    if Path(config.source).absolute() == out_dir / CONFIG_COPY:
+        raise ScratchLMError(f"{config.source} is where the run writes its effective config: keep your config "
+                             f"outside --out")
     owns_group = not torch.distributed.is_initialized()
     threads = torch.get_num_threads()
     ctx = init_distributed(config.run.device)
@@ -67,27 +69,44 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False, *, ove
             shutdown_distributed()
 
 
-# Files a training run writes into its directory (`--overwrite` replaces these, nothing else).
-RUN_FILES = ("config.yaml", METRICS_FILE, LOSS_PLOT, "summary.json", "tensorboard", CHECKPOINTS, FINAL)
+# A training run directory is marked as one (written first), so that its files, and only
+# they, are the run's to resume, replace or remove; the rest of what it writes:
+RUN_MARKER = ".scratchlm-training-run"
+CONFIG_COPY, SUMMARY = "config.yaml", "summary.json"
 
 
 def check_run_directory(out_dir: Path, resume: bool, overwrite: bool) -> Path:
-    """Refuse a directory that holds anything but a training run unless `overwrite`; with
-    `overwrite` and no `resume`, remove an earlier run's files to start over."""
+    """Refuse a non-empty directory that is not a training run unless `overwrite` (the run's
+    files are then written beside the others); with `overwrite` and no `resume`, an earlier
+    run there is removed (its files only) to start over."""
     out_dir = check_output_directory(out_dir, overwrite=True, what="training run")
-    foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in RUN_FILES) if out_dir.is_dir() else []
-    if foreign and not overwrite:
-        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
-        raise ScratchLMError(f"{out_dir} holds files that are not a training run ({shown}); use "
-                             f"--overwrite to train into it anyway (they are kept), or another --out")
-    if overwrite and not resume and out_dir.is_dir():
-        for name in RUN_FILES:
-            path = out_dir / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
+    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return out_dir
+    # Marked, or holding checkpoints (copied from another run to resume, say).
+    is_run = (out_dir / RUN_MARKER).is_file() or ckpt.latest_checkpoint(out_dir / CHECKPOINTS) is not None
+    if not is_run and not overwrite:
+        entries = sorted(p.name for p in out_dir.iterdir())
+        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise ScratchLMError(f"{out_dir} holds files that are not a training run ({shown}); use --overwrite "
+                             f"to train into it anyway (files of the run are replaced, all others kept), or "
+                             f"another --out")
+    if is_run and overwrite and not resume:
+        remove_training_run(out_dir)
     return out_dir
+
+
+def remove_training_run(out_dir: Path) -> None:
+    """Remove what a training run wrote into `out_dir`, and nothing else."""
+    from scratchlm.model.directory import model_files
+
+    checkpoints = out_dir / CHECKPOINTS
+    if checkpoints.is_dir():
+        remove_outputs(checkpoints, [p.name for p in checkpoints.iterdir() if ckpt.is_checkpoint_name(p.name)])
+    remove_outputs(out_dir / FINAL, model_files())
+    tensorboard = out_dir / "tensorboard"
+    if tensorboard.is_dir():
+        remove_outputs(tensorboard, [p.name for p in tensorboard.iterdir() if p.name.startswith("events.out.")])
+    remove_outputs(out_dir, [CONFIG_COPY, METRICS_FILE, LOSS_PLOT, SUMMARY, RUN_MARKER])
 
 
 # --------------------------------------------------------------------------- one step
@@ -201,6 +220,8 @@ class Trainer:
         from scratchlm.data import read_manifest
 
         data_dir = Path(self.config.data.dir)
+        if data_dir.exists() and not data_dir.is_dir():
+            raise ScratchLMError(f"config field data.dir: {data_dir} is a file, not a data directory")
         if not data_dir.is_dir():
             raise ScratchLMError(f"config field data.dir: data directory not found: {data_dir}")
         manifest = read_manifest(data_dir)
@@ -426,8 +447,8 @@ class Trainer:
     def run(self, resume: bool) -> dict[str, Any]:
         self._restore(resume)
         if self.ctx.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.out_dir / "config.yaml", dump_config_yaml(self.config))
+            atomic_write_json(self.out_dir / RUN_MARKER, {"format": "scratchlm training run"})
+            atomic_write_text(self.out_dir / CONFIG_COPY, dump_config_yaml(self.config))
             self.metrics.truncate_after(self.step)
         self._say(self._banner())
         session = _Session(start=self.clock(), last_checkpoint=self.clock())
@@ -593,7 +614,7 @@ class Trainer:
             best = ckpt.best_checkpoint(self.out_dir / CHECKPOINTS)
             summary["best_checkpoint"] = str(best) if best else None
             plot_loss(self.out_dir / METRICS_FILE, self.out_dir / LOSS_PLOT)
-            atomic_write_json(self.out_dir / "summary.json", _json_safe(summary))
+            atomic_write_json(self.out_dir / SUMMARY, _json_safe(summary))
             self._say(f"done: {self.step} steps, {self.tokens:,} tokens, val loss "
                       f"{summary['val_loss']:.4f}, {summary['val_bpb']:.4f} bits/byte; "
                       f"model in {final_dir}")
