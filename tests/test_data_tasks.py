@@ -250,3 +250,14 @@ def test_dedup_across_tasks_removes_what_the_in_memory_dedup_removes(tok_dir, tm
     expected = Counter(tuple(tokenizer.encode_ordinary(t)) for t, k in zip(unique, keep) if k)
     assert len(unique) - int(keep.sum()) >= 70  # the planted copies are there to be found
     assert documents(tmp_path / "out") == expected
+
+
+def test_lone_surrogates_in_json_are_replaced_and_counted(tok_dir, tmp_path):
+    text = "A long enough story about a cat who sat on the mat and then walked away happily. "
+    # JSON's escape for a lone surrogate: \ud83d (half of an emoji), not text.
+    (tmp_path / "s.jsonl").write_text("".join(f'{{"text": "{text * 3} {i} \\ud83d end"}}\n' for i in range(20)))
+    manifest = prepare_data([str(tmp_path / "s.jsonl")], tok_dir, tmp_path / "d",
+                            config=PrepareConfig(filter=False, **SETTINGS))
+    assert manifest["sources"][0]["invalid_utf8_bytes"] == 20
+    tok = Tokenizer.load(tok_dir)
+    assert all("\ufffd end" in tok.decode(d.tolist()) for s in ("train", "val") for d in iter_documents(tmp_path / "d", s))

@@ -351,6 +351,7 @@ class _Run:
         return train, val
 
     def execute(self) -> dict[str, Any]:
+        created = [path for path in (self.dir, *self.dir.parents) if not path.exists()]
         make_directory(self.dir)
         self._save_state()
         self._extend_training()
@@ -361,6 +362,8 @@ class _Run:
             if not any(stage.get("done") for stage in self.state["stages"].values()):
                 remove_outputs(self.dir / "downloads", ())
                 remove_outputs(self.dir, ["run.json"])
+                for path in created[1:]:  # the parents it made (runs/), if left empty
+                    remove_outputs(path, ())
             raise
 
     def _execute_stages(self) -> dict[str, Any]:

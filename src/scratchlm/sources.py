@@ -493,6 +493,13 @@ def iter_file_documents(
                   ".parquet": _iter_parquet}[suffix]
         args = (path, text_field, strict_json, stats) + ((byte_range,) if byte_range is not None else ())
         for text, url in reader(*args):
+            if _LONE_SURROGATES.search(text):
+                # JSON can spell lone surrogates ("\\ud83d"), which are not text: replace and
+                # count them like invalid bytes.
+                text, bad = _LONE_SURROGATES.subn("\ufffd", text)
+                stats.invalid_utf8_bytes += bad
+                if str(path) not in stats.invalid_utf8_files:
+                    stats.invalid_utf8_files.append(str(path))
             yield Document(text=text, url=url, profile=profile)
         return
     head = file_head(path)
@@ -620,16 +627,7 @@ def iter_documents_from(
         for doc in iter_file_documents(path, text_field=text_field, doc_mode=doc_mode,
                                        min_doc_chars=min_doc_chars, strict_json=strict_json,
                                        stats=stats):
-            try:
-                size = len(doc.text.encode("utf-8"))
-            except UnicodeEncodeError:
-                # JSON can spell lone surrogates ("\\ud83d"), which are not text: replace and
-                # count them like invalid bytes.
-                doc.text, bad = _LONE_SURROGATES.subn("\ufffd", doc.text)
-                stats.invalid_utf8_bytes += bad
-                if str(path) not in stats.invalid_utf8_files:
-                    stats.invalid_utf8_files.append(str(path))
-                size = len(doc.text.encode("utf-8"))
+            size = len(doc.text.encode("utf-8"))
             stats.documents += 1
             stats.bytes += size
             stats.profile = doc.profile if stats.documents == 1 or stats.profile == doc.profile else "mixed"

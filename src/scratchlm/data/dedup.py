@@ -228,9 +228,14 @@ def first_of_each_cluster(n: int, pairs: Iterable[tuple[int, int, float]]) -> np
     """Boolean mask over documents 0..n-1: True for the first document of each cluster that
     the pairs join (union-find), and for documents in no pair."""
     uf = _UnionFind(n)
+    members = set()
     for i, j, _ in pairs:
         uf.union(i, j)
-    return np.array([uf.find(i) == i for i in range(n)], dtype=bool)
+        members.update((i, j))
+    keep = np.ones(n, dtype=bool)  # a document in no pair is its own cluster
+    for i in members:
+        keep[i] = uf.find(i) == i
+    return keep
 
 
 def near_duplicate_pairs(

@@ -213,9 +213,8 @@ def iter_task_documents(plan: Plan, index: int, config, stats: dict[int, SourceS
         for doc in iter_file_documents(Path(piece.path), text_field=config.text_field, doc_mode=config.doc_mode,
                                        min_doc_chars=config.min_doc_chars, strict_json=config.strict_json,
                                        stats=source_stats, byte_range=byte_range):
-            size = len(doc.text.encode("utf-8", errors="replace"))
             source_stats.documents += 1
-            source_stats.bytes += size
+            source_stats.bytes += len(doc.text.encode("utf-8"))
             source_stats.profile = (doc.profile if source_stats.documents == 1 or source_stats.profile == doc.profile
                                     else "mixed")
             yield piece.source, doc
