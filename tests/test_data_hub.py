@@ -16,71 +16,14 @@ from scratchlm.cli import main
 from scratchlm.data.hub import CORPORA, GitHubFile, HubCorpus, download_corpus
 from scratchlm.errors import ScratchLMError
 from tests.conftest import shared_file
-
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
-
-
-class FakeHub(http.server.BaseHTTPRequestHandler):
-    """Serves `files` at /datasets/{repo}/resolve/{revision}/{path}, the URL hf_hub_download builds.
-
-    huggingface_hub first sends HEAD for the metadata (commit, ETag, size), then GET for the body.
-    """
-
-    files: dict[str, bytes] = {}
-    requests: list[tuple[str, str]] = []
-
-    def _lookup(self) -> bytes | None:
-        path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
-        self.requests.append((self.command, path))
-        prefix = "/datasets/"
-        if not path.startswith(prefix) or "/resolve/" not in path:
-            return None
-        repo, rest = path[len(prefix) :].split("/resolve/", 1)
-        _revision, filename = rest.split("/", 1)
-        return self.files.get(f"{repo}/{filename}")
-
-    def _headers(self, body: bytes | None) -> None:
-        if body is None:
-            self.send_response(404)
-            self.send_header("X-Error-Code", "EntryNotFound")
-            self.send_header("X-Error-Message", "Entry not found")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return
-        self.send_response(200)
-        self.send_header("X-Repo-Commit", COMMIT)
-        self.send_header("ETag", f'"{hashlib.sha256(body).hexdigest()}"')
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-
-    def do_HEAD(self) -> None:  # noqa: N802 (http.server naming)
-        self._headers(self._lookup())
-
-    def do_GET(self) -> None:  # noqa: N802
-        body = self._lookup()
-        self._headers(body)
-        if body is not None:
-            self.wfile.write(body)
-
-    def log_message(self, *args) -> None:
-        pass
-
+from tests.fake_hub import FakeHub, serving
 
 @pytest.fixture()
 def fake_hub(monkeypatch, tmp_path):
     corpus = CORPORA["tinystories-valid"]
-    FakeHub.files = {f"{corpus.repo_id}/{corpus.files[0]}": "A story.<|endoftext|>Another story.\n".encode() * 50}
-    FakeHub.requests = []
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    endpoint = f"http://127.0.0.1:{server.server_address[1]}"
-    monkeypatch.setenv("HF_ENDPOINT", endpoint)
-    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))  # no user token or cache is touched
-    yield endpoint
-    server.shutdown()
-    server.server_close()
+    files = {f"{corpus.repo_id}/{corpus.files[0]}": "A story.<|endoftext|>Another story.\n".encode() * 50}
+    with serving(files, monkeypatch, tmp_path / "hf_home") as endpoint:
+        yield endpoint
 
 
 def test_download_named_corpus_from_local_hub(fake_hub, tmp_path):

@@ -23,7 +23,6 @@ from hypothesis import strategies as st
 from scratchlm.cli import main
 from scratchlm.data import PrepareConfig, finalize_data, iter_documents, prepare_data, prepare_task, read_manifest
 from scratchlm.data.tasks import TASKS_DIR, plan_tasks, task_name
-from scratchlm.errors import ScratchLMError
 from scratchlm.sources import SourceStats, iter_documents_from, iter_file_documents
 from scratchlm.tokenizer import Tokenizer
 from tests.conftest import REPO_ROOT, shared_file

@@ -213,36 +213,24 @@ def test_interrupted_run_resumes_without_redoing_finished_stages(corpus, tmp_pat
 @pytest.mark.slow
 def test_named_corpus_is_downloaded_and_its_validation_file_held_out(tmp_path, monkeypatch):
     """`--corpus tinystories` against a local server that mimics the Hugging Face Hub."""
-    import http.server
-    import threading
-
     from scratchlm.data import read_manifest
     from scratchlm.data.hub import CORPORA
     from tests.conftest import shared_file
-    from tests.test_data_hub import FakeHub
+    from tests.fake_hub import serving
 
     corpus = CORPORA["tinystories"]
     train_file, val_file = corpus.files
     assert corpus.val_files == (val_file,)
-    FakeHub.files = {
+    files = {
         f"{corpus.repo_id}/{train_file}": shared_file("corpora/tinystories_train_head.txt").read_bytes(),
         f"{corpus.repo_id}/{val_file}": shared_file("corpora/tinystories_valid_head.txt").read_bytes()[:60_000],
     }
-    FakeHub.requests = []
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
-    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-    try:
+    with serving(files, monkeypatch, tmp_path / "hf_home"):
         out = tmp_path / "run"
         settings = RunSettings(corpus=("tinystories",), out_dir=str(out), minutes=0.05, vocab_size=400,
                                context_length=64, micro_batch_size=8, global_batch_tokens=512,
                                warmup_steps=2, eval_documents=5, sample_tokens=8)
         report = run_pipeline(settings, progress=lambda message: None)
-    finally:
-        server.shutdown()
-        server.server_close()
 
     roles = {Path(s["input"]).name: s["role"] for s in read_manifest(out / "data")["sources"]}
     assert roles == {train_file: "train", val_file: "val"}

@@ -443,6 +443,73 @@ def _generate(args: argparse.Namespace) -> None:
     sys.stdout.write("\n")
 
 
+# --------------------------------------------------------------------------- export / import
+def _add_export_commands(sub: argparse._SubParsersAction) -> None:
+    from scratchlm.export import GGUF_DTYPES, HF_DTYPES
+
+    export = sub.add_parser("export", help="write a model directory for transformers (HF) or llama.cpp (GGUF)")
+    esub = export.add_subparsers(dest="export_command", metavar="FORMAT", required=True)
+    p = esub.add_parser("hf", help="a Hugging Face checkpoint: AutoModelForCausalLM/AutoTokenizer.from_pretrained "
+                                   "(and vLLM, TGI) read it")
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="a scratchlm model directory")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="directory for the checkpoint")
+    p.add_argument("--dtype", default="float32", choices=list(HF_DTYPES), help="dtype of the weights")
+    _add_overwrite_option(p, "checkpoint")
+    p.set_defaults(func=_export_hf)
+    p = esub.add_parser("gguf", help="one GGUF file for llama.cpp, Ollama, LM Studio")
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="a scratchlm model directory")
+    p.add_argument("out_file", metavar="OUT.gguf", help="the file to write")
+    p.add_argument("--dtype", default="f16", choices=list(GGUF_DTYPES),
+                   help="type of the weight matrices (norms and biases stay f32); q8_0: 8-bit, about half of f16")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT.gguf if it exists")
+    p.set_defaults(func=_export_gguf)
+
+    imp = sub.add_parser("import", help="a Hugging Face checkpoint (Llama family, Qwen3, GPT-2) as a model directory")
+    isub = imp.add_subparsers(dest="import_command", metavar="FORMAT", required=True)
+    p = isub.add_parser("hf", help="from a local Hugging Face directory, or from the Hub with --from-hub",
+                        description="Import a transformers checkpoint (safetensors, sharded or not, or "
+                                    "pytorch_model.bin) with its tokenizer into a scratchlm model directory "
+                                    "that generate, train (--model.init_from), eval and export read.")
+    p.add_argument("hf_dir", metavar="HF_DIR", nargs="?", default=None,
+                   help="a local checkpoint directory (omit it with --from-hub)")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="the model directory to write")
+    p.add_argument("--from-hub", metavar="REPO_ID", default=None,
+                   help="download from the Hugging Face Hub, e.g. openai-community/gpt2 (HF_ENDPOINT, HF_TOKEN apply)")
+    p.add_argument("--revision", default=None, help="with --from-hub: a branch, tag or commit (default: main)")
+    p.add_argument("--cache-dir", default=None,
+                   help="with --from-hub: where downloads are cached (default: the Hugging Face cache, HF_HOME)")
+    _add_overwrite_option(p, "model")
+    p.set_defaults(func=_import_hf)
+
+
+def _export_hf(args: argparse.Namespace) -> None:
+    from scratchlm.export import export_hf
+
+    out = export_hf(args.model_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"exported {args.model_dir} to {out} ({args.dtype}); load it with "
+          f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
+
+
+def _export_gguf(args: argparse.Namespace) -> None:
+    from scratchlm.export import export_gguf
+
+    out = export_gguf(args.model_dir, args.out_file, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"exported {args.model_dir} to {out} ({args.dtype}, {out.stat().st_size / 1e6:,.1f} MB); run it with "
+          f"llama-cli -m {out}")
+
+
+def _import_hf(args: argparse.Namespace) -> None:
+    from scratchlm.export import import_hf
+
+    if args.from_hub is None and args.hf_dir is None:
+        raise ScratchLMError("import hf needs HF_DIR OUT_DIR, or OUT_DIR with --from-hub REPO_ID")
+    if args.from_hub is None and (args.revision or args.cache_dir):
+        raise ScratchLMError("--revision and --cache-dir only apply with --from-hub")
+    out = import_hf(args.hf_dir, args.out_dir, from_hub=args.from_hub, revision=args.revision,
+                    cache_dir=args.cache_dir, overwrite=args.overwrite)
+    print(f"imported {args.from_hub or args.hf_dir} into {out}; try: scratchlm generate {out} --prompt 'Hello'")
+
+
 # --------------------------------------------------------------------------- run (the main job)
 def _add_run_command(sub: argparse._SubParsersAction) -> None:
     from scratchlm.data.hub import CORPORA
@@ -503,6 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_commands(sub)
     _add_plan_command(sub)
     _add_generate_command(sub)
+    _add_export_commands(sub)
     return parser
 
 

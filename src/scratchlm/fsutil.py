@@ -90,6 +90,35 @@ def atomic_write_json(path: str | os.PathLike, obj, indent: int = 2) -> None:
     atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=False) + "\n")
 
 
+@contextlib.contextmanager
+def atomic_output_file(path: str | os.PathLike, overwrite: bool = False, what: str = "output") -> Iterator[Path]:
+    """Yield a temporary path beside `path` for a writer that needs a file name (not bytes in
+    memory); it becomes `path` by one rename when the block finishes, and is removed if the
+    block fails. An existing `path` is replaced only with `overwrite`, and never a directory."""
+    path = Path(os.path.abspath(path))
+    if path.is_dir():
+        raise ScratchLMError(f"{path} is a directory (the {what} is a file)")
+    if path.exists() and not overwrite:
+        raise ScratchLMError(f"{path} exists; use --overwrite to replace it, or choose another name")
+    make_directory(path.parent)
+    try:
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+    except OSError as exc:
+        raise ScratchLMError(f"cannot write {path}: {describe_os_error(exc, path.parent)}") from None
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~current_umask())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        if isinstance(exc, OSError):
+            raise ScratchLMError(f"cannot write {path}: {describe_os_error(exc)}") from None
+        raise
+
+
 def check_output_directory(path: str | os.PathLike, overwrite: bool, what: str = "output") -> Path:
     """Refuse, before any work, an output path that is a file or a non-empty directory
     without `overwrite`. Returns the path made absolute (so `-o .` has a name and a parent)."""

@@ -148,8 +148,8 @@ def _download_hub_corpus(name: str, corpus: HubCorpus, out_dir: Path, endpoint: 
     # huggingface_hub falls back to them at once when it cannot reach the Hub.
     missing = [f for f in corpus.files if not (out_dir / f).is_file()]
     if missing and not constants.HF_HUB_OFFLINE:
-        _fail_if_unreachable(name, (endpoint or constants.ENDPOINT).rstrip("/"),
-                             timeout=constants.HF_HUB_ETAG_TIMEOUT)
+        fail_if_unreachable(f"cannot download corpus {name!r}", (endpoint or constants.ENDPOINT).rstrip("/"),
+                            timeout=constants.HF_HUB_ETAG_TIMEOUT)
     paths = []
     for filename in corpus.files:
         try:
@@ -163,9 +163,9 @@ def _download_hub_corpus(name: str, corpus: HubCorpus, out_dir: Path, endpoint: 
     return paths
 
 
-def _fail_if_unreachable(name: str, endpoint: str, timeout: float) -> None:
-    """Raise a one-line error when nothing answers at `endpoint` (DNS failure, connection
-    refused, connect timeout). Any HTTP answer, even an error status or a redirect, means the
+def fail_if_unreachable(what: str, endpoint: str, timeout: float) -> None:
+    """Raise a one-line error, `what: endpoint is unreachable (reason)`, when nothing answers at
+    `endpoint` (DNS failure, connection refused, connect timeout). Any HTTP answer, even an error status or a redirect, means the
     host is there, and the real download reports what it finds. TLS failures are left to the
     real download too: urllib checks certificates against the system store, huggingface_hub's
     HTTP client may use another one. urllib honours the same *_PROXY variables as that client."""
@@ -184,11 +184,9 @@ def _fail_if_unreachable(name: str, endpoint: str, timeout: float) -> None:
         return
     except urllib.error.URLError as exc:
         if isinstance(exc.reason, OSError) and not isinstance(exc.reason, ssl.SSLError):
-            raise ScratchLMError(f"cannot download corpus {name!r}: {endpoint} is unreachable "
-                                 f"({_reason(exc.reason)})") from None
+            raise ScratchLMError(f"{what}: {endpoint} is unreachable ({_reason(exc.reason)})") from None
     except TimeoutError as exc:
-        raise ScratchLMError(f"cannot download corpus {name!r}: {endpoint} is unreachable "
-                             f"({_reason(exc)})") from None
+        raise ScratchLMError(f"{what}: {endpoint} is unreachable ({_reason(exc)})") from None
     except (OSError, http.client.HTTPException):
         return  # something answered, if oddly: let the real download judge
 
