@@ -64,7 +64,7 @@ def make_step(preset: str, context: int, batch: int, compile_model: bool,
 
     def step() -> None:
         x = torch.randint(0, config.vocab_size, (batch, context + 1), generator=gen).to(device)
-        accumulate_gradients(step_model, [(x[:, :-1], x[:, 1:])], autocast, scaler)
+        accumulate_gradients(step_model, [(x[:, :-1], x[:, 1:])], autocast, scaler, torch.device(device))
         clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

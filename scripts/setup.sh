@@ -15,7 +15,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     echo "setup: installing scratchlm and its dependencies into .venv" >&2
     .venv/bin/python -m pip install -q --disable-pip-version-check "torch==2.13.0" 2>&1 | grep -v "is ignored" >&2 || true
     # Every optional extra: the test suite covers them all.
-    .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev,ray,export]" 2>&1 | grep -v "is ignored" >&2 || true
+    .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev,ray,export,eval]" 2>&1 | grep -v "is ignored" >&2 || true
     .venv/bin/python -c "import torch, scratchlm, pytest" || { echo "setup: install failed" >&2; exit 1; }
     echo "$want" > "$stamp"
 fi

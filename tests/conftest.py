@@ -6,12 +6,25 @@ a clear reason when that folder is absent (a bare clone elsewhere).
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+_CACHE = tempfile.mkdtemp(prefix="scratchlm-test-cache-")
+
+
+def pytest_configure(config) -> None:
+    # Tests neither read nor fill the user's download cache (benchmark sets, corpora).
+    os.environ["SCRATCHLM_CACHE"] = _CACHE
+
+
+def pytest_unconfigure(config) -> None:
+    shutil.rmtree(_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

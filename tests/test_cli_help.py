@@ -58,3 +58,14 @@ def test_null_works_for_every_optional_field_however_spelled():
         config = load_train_config(None, ["data.dir=d", "run.max_minutes=1", f"run.max_steps={spelling}",
                                           f"data.tokenizer={spelling}", f"run.threads={spelling}"])
         assert config.run.max_steps is None and config.data.tokenizer is None and config.run.threads is None
+
+
+def test_building_the_parser_does_not_import_torch():
+    # `scratchlm --help` (and every argparse error) stays instant: stages load torch in their
+    # handlers, not while the options are declared.
+    import subprocess
+    import sys
+
+    code = "import sys, scratchlm.cli as c; c.build_parser(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -100,3 +100,19 @@ def test_transformers_gguf_loader_reproduces_our_logits(name, tmp_path):
     idx = _ids(ours.config)
     with torch.no_grad():
         torch.testing.assert_close(theirs(idx).logits, ours(idx), atol=1e-4, rtol=1e-4)
+
+
+def test_a_chat_model_ends_its_turn_at_im_end_in_gguf(tmp_path):
+    from scratchlm.model.directory import save_model
+    from scratchlm.post.chat import CHATML_JINJA, IM_END, add_chat_tokens
+
+    preset, fields = ARCHITECTURES["llama-mha-untied-bias"]
+    model_dir = make_model_dir(tmp_path / "model", trained_tokenizer("gpt2"), preset, **{**fields, "d_ff": 256})
+    model, tokenizer = add_chat_tokens(*load_model(model_dir))
+    chat_dir = save_model(tmp_path / "chat", model, tokenizer)
+    reader, _ = _read_gguf(export_gguf(chat_dir, tmp_path / "chat.gguf", dtype="f32"))
+    assert _field(reader, "tokenizer.chat_template") == CHATML_JINJA
+    end_of_turn = tokenizer.special_tokens[IM_END]
+    assert _field(reader, "tokenizer.ggml.eos_token_id") == _field(reader, "tokenizer.ggml.eot_token_id") == end_of_turn
+    assert _field(reader, "tokenizer.ggml.bos_token_id") == tokenizer.eot_id  # a prompt still starts after it
+    assert _field(reader, "tokenizer.ggml.token_type")[end_of_turn] == gguf.TokenType.CONTROL

@@ -54,12 +54,36 @@ def _run_cli(corpus: Path, out: Path, stop_at: str | None = None, **popen) -> su
                             cwd=REPO_ROOT, **popen)
 
 
+def write_tiny_eval_data(directory: Path) -> Path:
+    """Three items of each `core` task in scratchlm eval's layout (scratchlm.eval.datasets)."""
+    directory.mkdir()
+    lines = {
+        "hellaswag_val.jsonl": [{"activity_label": "Cooking", "ctx_a": f"A man cuts onion {i}.", "ctx_b": "he",
+                                 "endings": ["fries it.", "sings.", "flies.", "sleeps."], "label": i % 4}
+                                for i in range(3)],
+        "arc_easy.jsonl": [{"query": f"Question: What is {i}+1?", "choices": [str(i + 1), "7", "9"], "gold": 0}
+                           for i in range(3)],
+        "piqa.jsonl": [{"query": f"Question: Open jar {i}\n", "choices": ["twist the lid", "eat the lid"], "gold": 0}
+                       for i in range(3)],
+        "winogrande.jsonl": [{"context_options": [f"Ann helped Bo {i} so Ann", f"Ann helped Bo {i} so Bo"],
+                              "continuation": "said thanks.", "gold": 1} for i in range(3)],
+    }
+    lines["arc_challenge.jsonl"] = lines["arc_easy.jsonl"]
+    for name, records in lines.items():
+        (directory / name).write_text("".join(json.dumps(r) + "\n" for r in records))
+    (directory / "mmlu" / "dev").mkdir(parents=True)
+    (directory / "mmlu" / "dev" / "arithmetic_dev.csv").write_text(
+        "question,choice0,choice1,choice2,choice3,answer\n" + "".join(f"{i}+1?,{i + 1},0,5,9,0\n" for i in range(3)))
+    return directory
+
+
 @pytest.mark.slow
-def test_whole_chain_writes_every_artifact_and_rerun_skips(corpus, tmp_path):
+def test_whole_chain_writes_every_artifact_and_rerun_skips(corpus, tmp_path, monkeypatch):
     from scratchlm.data import read_manifest
     from scratchlm.model import load_model
     from scratchlm.tokenizer import Tokenizer
 
+    monkeypatch.setenv("SCRATCHLM_CACHE", str(tmp_path / "cache"))  # no benchmark files there
     out = tmp_path / "run"
     report = run_pipeline(_settings(corpus, out), progress=lambda message: None)
 
@@ -93,11 +117,23 @@ def test_whole_chain_writes_every_artifact_and_rerun_skips(corpus, tmp_path):
     assert matplotlib.image.imread(out / "loss.png").ndim == 3
     samples = json.loads((out / "samples.json").read_text())
     assert len(samples) >= 3 and all(isinstance(s["completion"], str) for s in samples)
+    # Without benchmark files the suite is skipped, said so in the report, and not done.
+    assert "## Benchmarks" in markdown and "Not run: no task files for hellaswag" in markdown
+
+    # Given task files, a re-run scores the suite and skips everything else.
+    data = write_tiny_eval_data(tmp_path / "eval_data")
+    messages: list[str] = []
+    run_pipeline(_settings(corpus, out, suite_data=str(data), suite_limit=2), progress=messages.append)
+    assert [m for m in messages if m.startswith("==")] == [
+        f"== {s}" if s == "suite" else f"== {s}: done already, skipped" for s in STAGES]
+    markdown = (out / "report.md").read_text()
+    assert "| core | - | centered accuracy |" in markdown and "| hellaswag | 2 | acc_norm |" in markdown
+    assert json.loads((out / "train" / "final" / "eval.json").read_text())["tasks"]["core"]
 
     # Re-running the same settings skips every stage and keeps their records untouched.
     before = json.loads((out / "run.json").read_text())["stages"]
-    messages: list[str] = []
-    run_pipeline(_settings(corpus, out), progress=messages.append)
+    messages = []
+    run_pipeline(_settings(corpus, out, suite_data=str(data), suite_limit=2), progress=messages.append)
     assert [m for m in messages if m.startswith("==")] == [f"== {s}: done already, skipped" for s in STAGES]
     assert json.loads((out / "run.json").read_text())["stages"] == before
 
@@ -206,7 +242,8 @@ def test_interrupted_run_resumes_without_redoing_finished_stages(corpus, tmp_pat
     assert "== data: done already, skipped" in output
     assert {p.name: p.stat().st_mtime_ns for p in (out / "tokenizer").iterdir()} == tokenizer_files
     state = json.loads((out / "run.json").read_text())["stages"]
-    assert all(state[s]["done"] for s in STAGES)
+    # Every stage done but the benchmark suite, which has no task files here (skipped, not done).
+    assert all(state[s]["done"] for s in STAGES if s != "suite") and "skipped" in state["suite"]
     assert (out / "report.md").exists() and (out / "train" / "final" / "model.safetensors").exists()
 
 

@@ -443,6 +443,146 @@ def _generate(args: argparse.Namespace) -> None:
     sys.stdout.write("\n")
 
 
+# --------------------------------------------------------------------------- eval
+def _add_eval_command(sub: argparse._SubParsersAction) -> None:
+    from scratchlm.eval.suite import TASKS
+
+    p = sub.add_parser("eval", help="score a model on HellaSwag, ARC, PIQA, WinoGrande, LAMBADA, MMLU, HumanEval",
+                       description="Benchmarks scored as lm-evaluation-harness scores them (its prompts, token "
+                                   "boundaries and metrics). Results: a table here, --json, and eval.json in "
+                                   "the model directory.")
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="a model directory")
+    p.add_argument("--tasks", required=True, metavar="T1,T2,...",
+                   help=f"comma-separated: {', '.join(TASKS)} (core = the six multiple-choice tasks and "
+                        f"their centered accuracy)")
+    p.add_argument("--limit", type=int, default=None, help="score the first N items of each task (default: all)")
+    p.add_argument("--shots", type=int, default=0, help="MMLU: solved dev examples before each question")
+    p.add_argument("--batch-size", type=int, default=32, help="continuations scored per forward pass")
+    p.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="task files in scratchlm's eval layout (default: download the full sets once into "
+                        "the cache, $SCRATCHLM_CACHE or ~/.cache/scratchlm)")
+    p.add_argument("--bpb-data", default=None, metavar="DIR",
+                   help="task bpb: a data directory (scratchlm data prepare) whose val split is scored")
+    p.add_argument("--contamination", default=None, metavar="DATA_DIR",
+                   help="report the share of items sharing a 13-gram with DATA_DIR's training shards")
+    p.add_argument("--samples", type=int, default=1, help="HumanEval: completions per problem for pass@k")
+    p.add_argument("--k", default="1", help="HumanEval: comma-separated k of pass@k (each <= --samples)")
+    p.add_argument("--temperature", type=float, default=0.8, help="HumanEval: sampling temperature for --samples > 1")
+    p.add_argument("--seed", type=int, default=0, help="HumanEval: seed of the sampled completions")
+    p.add_argument("--device", default="auto", choices=DEVICES, help="auto: cuda, then mps, then cpu")
+    p.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON")
+    p.add_argument("--log-samples", default=None, metavar="FILE",
+                   help="write one JSON line per item: prompt, choices, log-likelihoods, prediction, gold")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_eval)
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from scratchlm.eval.suite import evaluate, results_table
+
+    try:
+        k = tuple(int(x) for x in args.k.split(","))
+    except ValueError:
+        raise ScratchLMError(f"--k must be comma-separated integers, got {args.k!r}") from None
+    report = evaluate(args.model_dir, args.tasks, limit=args.limit, shots=args.shots, batch_size=args.batch_size,
+                      data_dir=args.data_dir, bpb_data=args.bpb_data, contamination=args.contamination,
+                      samples=args.samples, k=k, temperature=args.temperature, seed=args.seed, device=args.device,
+                      json_path=args.json, log_samples=args.log_samples, progress=not args.no_progress)
+    print(results_table(report))
+
+
+# --------------------------------------------------------------------------- post-training
+def _add_finetune_options(p: argparse.ArgumentParser, item: str) -> None:
+    """Budget, batch, LoRA and run options shared by sft and dpo (scratchlm.post.FinetuneSettings)."""
+    p.add_argument("--data", nargs="+", required=True, metavar="FILE", help=f"{item} files (.json or .jsonl)")
+    p.add_argument("-o", "--out", required=True, metavar="OUT_DIR",
+                   help="the tuned model (or adapter) directory; the run's data, checkpoints and metrics go inside")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--minutes", type=float, default=None, help="wall-clock budget")
+    budget.add_argument("--epochs", type=float, default=None, help="passes over the training split (default 1)")
+    budget.add_argument("--steps", type=int, default=None, help="optimizer steps")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the method's; x10 with LoRA)")
+    p.add_argument("--batch-size", type=int, default=16, help=f"{item}s per optimizer step")
+    p.add_argument("--micro-batch-size", type=int, default=8, help=f"{item}s per forward pass")
+    p.add_argument("--val-fraction", type=float, default=0.05, help=f"held-out share of the {item}s")
+    p.add_argument("--eval-every", type=int, default=50, help="steps between held-out evaluations (0: at the end)")
+    p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (0: at the end)")
+    p.add_argument("--seed", type=int, default=1337, help="seed of the held-out split, data order and dropout")
+    p.add_argument("--lora-rank", type=int, default=0, help="train low-rank adapters of this rank (0: all weights)")
+    p.add_argument("--lora-alpha", type=float, default=16.0, help="adapter output scale alpha / rank")
+    p.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input")
+    p.add_argument("--lora-targets", default="q,k,v,o,gate,up,down", help="projections that get adapters")
+    p.add_argument("--device", default="auto", choices=DEVICES, help="auto: cuda, then mps, then cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--resume", action="store_true", help="continue the run in OUT_DIR from its last checkpoint")
+    _add_overwrite_option(p, "run")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _finetune_settings(args: argparse.Namespace):
+    from scratchlm.post.finetune import FinetuneSettings
+
+    return FinetuneSettings(minutes=args.minutes, epochs=args.epochs, steps=args.steps, lr=args.lr,
+                            batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
+                            val_fraction=args.val_fraction, seed=args.seed, lora_rank=args.lora_rank,
+                            lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                            lora_targets=args.lora_targets, eval_every=args.eval_every,
+                            checkpoint_every=args.checkpoint_every, device=args.device,
+                            threads=args.threads, progress=not args.no_progress)
+
+
+def _add_post_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sft", help="supervised fine-tuning on conversations: a base model becomes a chat model",
+                       description="Fine-tune on instruction/chat data (Alpaca, OpenAI messages, ShareGPT): the "
+                                   "loss is taken on the assistant's replies only. OUT_DIR becomes the chat "
+                                   "model (with --lora-rank, an adapter directory) with summary.json.")
+    p.add_argument("base_dir", metavar="BASE_DIR", help="the model directory to start from")
+    _add_finetune_options(p, "conversation")
+    p.set_defaults(func=_sft)
+
+    p = sub.add_parser("dpo", help="Direct Preference Optimization on chosen/rejected pairs",
+                       description="Tune a chat model (from `scratchlm sft`) towards the chosen replies of "
+                                   "preference pairs and away from the rejected ones, against the frozen "
+                                   "starting model.")
+    p.add_argument("sft_dir", metavar="SFT_DIR", help="the chat model to start from (also the frozen reference)")
+    p.add_argument("--beta", type=float, default=0.1, help="strength of the pull towards the reference")
+    _add_finetune_options(p, "pair")
+    p.set_defaults(func=_dpo)
+
+    lora = sub.add_parser("lora", help="LoRA adapter directories")
+    lsub = lora.add_subparsers(dest="lora_command", metavar="COMMAND", required=True)
+    p = lsub.add_parser("merge", help="fold an adapter directory's adapters into a plain model directory")
+    p.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="an adapter directory (sft/dpo with --lora-rank)")
+    p.add_argument("-o", "--out", required=True, metavar="MODEL_DIR", help="the model directory to write")
+    _add_overwrite_option(p, "model")
+    p.set_defaults(func=_lora_merge)
+
+
+def _sft(args: argparse.Namespace) -> None:
+    from scratchlm.post import sft
+
+    summary = sft(args.base_dir, args.data, args.out, _finetune_settings(args), resume=args.resume,
+                  overwrite=args.overwrite)
+    print(f"held-out loss on replies: {summary['base_val_loss']:.4f} before, {summary['val_loss']:.4f} after; "
+          f"{summary['replies_ended']:.0%} of held-out replies ended their turn; model in {args.out}")
+
+
+def _dpo(args: argparse.Namespace) -> None:
+    from scratchlm.post import dpo
+
+    summary = dpo(args.sft_dir, args.data, args.out, _finetune_settings(args), beta=args.beta,
+                  resume=args.resume, overwrite=args.overwrite)
+    print(f"held-out preference accuracy {summary['val_preference_accuracy']:.3f}, reward margin "
+          f"{summary['val_reward_margin']:.4f}; model in {args.out}")
+
+
+def _lora_merge(args: argparse.Namespace) -> None:
+    from scratchlm.model.directory import merge_adapter
+
+    out = merge_adapter(args.adapter_dir, args.out, overwrite=args.overwrite)
+    print(f"merged {args.adapter_dir} into {out}")
+
+
 # --------------------------------------------------------------------------- export / import
 def _add_export_commands(sub: argparse._SubParsersAction) -> None:
     from scratchlm.export import GGUF_DTYPES, HF_DTYPES
@@ -542,6 +682,11 @@ def _add_run_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=d.device, choices=DEVICES, help="auto: cuda, then mps, then cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the whole run")
+    p.add_argument("--suite-data", default=d.suite_data, metavar="DIR",
+                   help="benchmark task files for the report's suite (default: scratchlm eval's download "
+                        "cache; skipped when they are not there)")
+    p.add_argument("--suite-limit", type=int, default=d.suite_limit,
+                   help="benchmark items scored per task (per subject for MMLU)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_run)
 
@@ -555,6 +700,7 @@ def _run(args: argparse.Namespace) -> None:
         context_length=args.context_length, split_by_position=args.split_by_position,
         micro_batch_size=args.micro_batch_size, global_batch_tokens=args.global_batch_tokens,
         lr=args.lr, seed=args.seed, device=args.device, compile=args.compile, progress=not args.no_progress,
+        suite_data=args.suite_data, suite_limit=args.suite_limit,
     ), overwrite=args.overwrite)
 
 
@@ -570,6 +716,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_commands(sub)
     _add_plan_command(sub)
     _add_generate_command(sub)
+    _add_eval_command(sub)
+    _add_post_commands(sub)
     _add_export_commands(sub)
     return parser
 

@@ -2,7 +2,7 @@
 
 The job is a fixed chain of stages, each writing into its own place in the run directory:
 
-    tokenizer -> data -> train -> eval -> samples -> report
+    tokenizer -> data -> train -> eval -> suite -> samples -> report
 
 `run.json` records the settings the run was created with and, per stage, when it finished,
 how long it took and what it measured. Every setting is checked before any stage writes.
@@ -33,7 +33,7 @@ from scratchlm.errors import ScratchLMError
 from scratchlm.fsutil import (atomic_write_json, atomic_write_text, check_output_directory, make_directory,
                               remove_outputs)
 
-STAGES = ("tokenizer", "data", "train", "eval", "samples")
+STAGES = ("tokenizer", "data", "train", "eval", "suite", "samples")
 
 # Prompts for the closing samples, by the kind of text the model was trained on (the data
 # stage records each source's filter profile).
@@ -64,6 +64,10 @@ class RunSettings:
     lr: float = 2e-3
     warmup_steps: int = 20
     eval_documents: int = 400  # held-out documents scored at the end (the first N)
+    # The benchmark suite (`scratchlm eval --tasks core`) on task files in this directory ("":
+    # the download cache of `scratchlm eval`, when it holds them; a run never downloads them).
+    suite_data: str = ""
+    suite_limit: int = 200  # items per task (per subject for MMLU)
     sample_tokens: int = 120
     seed: int = 1337
     device: str = "auto"
@@ -99,7 +103,8 @@ class RunSettings:
                 raise ScratchLMError(f"--{name.replace('_', '-')}: must be a number > 0, got {value!r}")
         check_seed(self.seed, "--seed")
         for name, low in (("micro_batch_size", 1), ("global_batch_tokens", 1), ("context_length", 1),
-                          ("eval_documents", 1), ("warmup_steps", 0), ("sample_tokens", 0)):
+                          ("eval_documents", 1), ("warmup_steps", 0), ("sample_tokens", 0),
+                          ("suite_limit", 1)):
             if getattr(self, name) < low:
                 raise ScratchLMError(f"--{name.replace('_', '-')}: must be at least {low}, got {getattr(self, name)!r}")
         if self.vocab_size < 257:
@@ -118,7 +123,7 @@ class RunSettings:
 
 
 # Settings that may change between invocations of the same run without invalidating it.
-_MAY_CHANGE = {"out_dir", "device", "minutes", "progress"}
+_MAY_CHANGE = {"out_dir", "device", "minutes", "progress", "suite_data", "suite_limit"}
 # Files the run writes at the top of its directory; its stages' directories are removed by
 # their own owners (only their outputs). Downloads are kept: a cache of public corpora,
 # expensive to fetch again.
@@ -184,8 +189,10 @@ class _Run:
         return bool(self.state["stages"].get(stage, {}).get("done"))
 
     def record(self, stage: str, seconds: float, **figures: Any) -> None:
+        """A stage that reports "skipped" (the suite without task files) is not done: the next
+        invocation tries it again."""
         entry = self.state["stages"].setdefault(stage, {})
-        entry.update(figures, done=True, seconds=entry.get("seconds", 0.0) + seconds)
+        entry.update(figures, done="skipped" not in figures, seconds=entry.get("seconds", 0.0) + seconds)
         self._save_state()
 
     def add_time(self, stage: str, seconds: float) -> None:
@@ -275,7 +282,7 @@ class _Run:
             return
         self.say(f"== train: budget raised from {trained:g} to {asked:g} min: training continues from "
                  f"its last checkpoint")
-        for stage in ("train", "eval", "samples"):
+        for stage in ("train", "eval", "suite", "samples"):
             self.state["stages"].get(stage, {})["done"] = False
         self._save_state()
 
@@ -317,6 +324,24 @@ class _Run:
         self.say(f"held-out bits per byte on {result.documents} documents ({result.bytes:,} bytes): "
                  f"model {figures['val_bpb']:.3f}, gzip -9 {figures['gzip_bpb']:.3f}, xz -9 {figures['xz_bpb']:.3f}")
         return figures
+
+    def stage_suite(self) -> dict[str, Any]:
+        from scratchlm.eval.datasets import TASK_FILES, eval_cache_dir
+        from scratchlm.eval.suite import evaluate, parse_tasks, results_table
+
+        s = self.settings
+        tasks = [task for task in parse_tasks("core") if task in TASK_FILES]
+        data_dir = Path(s.suite_data) if s.suite_data else eval_cache_dir()
+        missing = [task for task in tasks if not any((data_dir / name).exists() for name in TASK_FILES[task])]
+        if missing:
+            reason = (f"no task files for {', '.join(missing)} in {data_dir} (download them once with "
+                      f"`scratchlm eval MODEL_DIR --tasks core`, or give --suite-data DIR)")
+            self.say(f"benchmark suite skipped: {reason}")
+            return {"skipped": reason}
+        report = evaluate(self.model_dir(), "core", limit=s.suite_limit, data_dir=data_dir, device=s.device,
+                          progress=s.progress)
+        self.say(results_table(report))
+        return {"tasks": report["tasks"], "data_dir": str(data_dir), "limit": s.suite_limit}
 
     def stage_samples(self) -> dict[str, Any]:
         from scratchlm.infer import generate_text
@@ -487,6 +512,7 @@ def _report_markdown(run: _Run, f: dict[str, Any], model_table: str, data_table:
         f"{run.state['stages'].get('eval', {}).get('eval_documents', 0)} held-out documents "
         f"({run.state['stages'].get('eval', {}).get('eval_bytes', 0):,} bytes).",
         "",
+        *_suite_markdown(run.state["stages"].get("suite", {})),
         "## Training",
         "",
         "![loss curve](loss.png)",
@@ -546,6 +572,18 @@ def _report_markdown(run: _Run, f: dict[str, Any], model_table: str, data_table:
 
 def _hint_prompt(run: _Run) -> str:
     return SAMPLE_PROMPTS[run.corpus_profile()][0]
+
+
+def _suite_markdown(suite: dict[str, Any]) -> list[str]:
+    from scratchlm.eval.suite import results_table
+
+    lines = ["## Benchmarks (scored as lm-evaluation-harness scores them)", ""]
+    if "tasks" not in suite:
+        return [*lines, f"Not run: {suite.get('skipped', 'the stage has not run')}.", ""]
+    return [*lines, f"The first {suite['limit']} items of each task (of each MMLU subject), from "
+                    f"`{suite['data_dir']}`; core = the mean centered accuracy of the six multiple-choice tasks, "
+                    f"(accuracy - chance) / (1 - chance).", "",
+            results_table({"tasks": suite["tasks"]}), ""]
 
 
 def _closing_message(run: _Run, f: dict[str, Any]) -> str:

@@ -16,7 +16,8 @@ a split lies in exactly one piece, so one epoch predicts every token exactly onc
             the fullest row it fits, and the rest of a row is padding. Rows then start at
             document starts (BOS-aligned), and no document is cut short of its context except
             where it exceeds the context window itself.
-Padding is the EOT id as input and -1 as target (ignored by the loss). A piece that continues
+Padding is the EOT id as input and -1 as target (ignored by the loss). In data with a loss mask
+(fine-tuning conversations) a target outside the mask is -1 too: the prompt is read, not learnt. A piece that continues
 a document (its first input is not an EOT) always opens its row, so a row's documents are
 found from its inputs alone: a new one starts at each EOT (`segment_ids`). With the model's
 document masking (`Transformer(..., segment_ids=...)`) each document in a row is then
@@ -39,7 +40,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from scratchlm.data.shards import open_shard, read_manifest, split_info
+from scratchlm.data.shards import open_loss_mask, open_shard, read_manifest, split_info
 from scratchlm.errors import ScratchLMError
 
 PACKING_MODES = ("stream", "document")
@@ -133,10 +134,13 @@ class TokenLoader:
 
         # Pieces of all shards, grouped by row: row r is pieces row_offsets[r]:row_offsets[r+1].
         self._shards: list[np.ndarray] = []
+        self._masks: list[np.ndarray] = []  # per shard, when the data has a loss mask
         piece_shard, piece_start, piece_end, row_sizes = [], [], [], []
         for i, shard in enumerate(split_info(self.manifest, split, self.data_dir)["shards"]):
             tokens, doc_starts = open_shard(self.data_dir, shard, dtype)
             self._shards.append(tokens)
+            if self.manifest.get("loss_mask"):
+                self._masks.append(open_loss_mask(self.data_dir, shard))
             starts, ends, rows = (stream_pieces(len(tokens), context_length) if packing == "stream"
                                   else document_pieces(doc_starts, len(tokens), context_length))
             piece_shard.append(np.full(len(starts), i, dtype=np.int32))
@@ -202,6 +206,8 @@ class TokenLoader:
             a, b = int(self._piece_start[piece]), int(self._piece_end[piece])
             n = b - a
             y[at : at + n] = tokens[a:b]
+            if self._masks:
+                y[at : at + n][self._masks[self._piece_shard[piece]][a:b] == 0] = IGNORE
             if a > 0:
                 x[at : at + n] = tokens[a - 1 : b - 1]
             else:  # the implied EOT before the shard's first document

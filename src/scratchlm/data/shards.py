@@ -3,7 +3,9 @@
 A data directory holds, per split, `{split}_{NNNNNN}.bin` (raw little-endian token ids, uint16
 when the vocabulary fits, else uint32, an EOT token after every document) and
 `{split}_{NNNNNN}.idx.npy` (int64 start offset of each document in that shard), plus
-`manifest.json` describing everything. Raw arrays rather than a container format so the
+`manifest.json` describing everything. Fine-tuning data (conversations, preference pairs) adds
+`{split}_{NNNNNN}.mask.bin`: one byte per token, 1 where the token is a training target (an
+assistant's reply), 0 where it is only context (the prompt); its manifest says `"loss_mask": true`. Raw arrays rather than a container format so the
 loader can `np.memmap` them: no parsing, no copy, shared page cache across ranks.
 A document never spans two shards.
 """
@@ -39,6 +41,10 @@ def index_name(bin_name: str) -> str:
     return bin_name.removesuffix(".bin") + ".idx.npy"
 
 
+def mask_name(bin_name: str) -> str:
+    return bin_name.removesuffix(".bin") + ".mask.bin"
+
+
 class ShardWriter:
     """Writes documents into shards of about `shard_tokens` tokens, streaming to disk.
 
@@ -47,26 +53,35 @@ class ShardWriter:
     and an interrupted run never leaves a truncated shard under a real name.
     """
 
-    def __init__(self, out_dir: Path, split: str, dtype: np.dtype, eot_id: int, shard_tokens: int):
+    def __init__(self, out_dir: Path, split: str, dtype: np.dtype, eot_id: int, shard_tokens: int,
+                 loss_mask: bool = False):
         self.out_dir, self.split, self.dtype, self.eot_id = Path(out_dir), split, dtype, eot_id
-        self.shard_tokens = shard_tokens
+        self.shard_tokens, self.loss_mask = shard_tokens, loss_mask
         self.shards: list[dict] = []
         self._eot = np.array([eot_id], dtype=dtype).tobytes()
-        self._file = None
+        self._file = self._mask_file = None
         self._starts: list[int] = []
         self._tokens = 0
 
-    def add(self, ids: np.ndarray) -> None:
-        """Append one document's token ids (without EOT)."""
+    def add(self, ids: np.ndarray, mask: np.ndarray | None = None) -> None:
+        """Append one document's token ids (without EOT) and, for a writer with `loss_mask`,
+        which of them are training targets (the EOT after the document never is)."""
+        if (mask is not None) != self.loss_mask or (mask is not None and len(mask) != len(ids)):
+            raise ValueError("a loss mask, one flag per token, is required exactly when the writer has loss_mask")
         if self._file is None:
-            self._file = tempfile.NamedTemporaryFile(dir=self.out_dir, prefix=f".{self.split}.", suffix=".tmp",
-                                                     delete=False)
+            self._file = self._temporary()
+            self._mask_file = self._temporary() if self.loss_mask else None
         self._starts.append(self._tokens)
         self._file.write(np.asarray(ids, dtype=self.dtype).tobytes())
         self._file.write(self._eot)
+        if self._mask_file is not None:
+            self._mask_file.write(np.asarray(mask, dtype=np.uint8).tobytes() + b"\0")
         self._tokens += len(ids) + 1
         if self._tokens >= self.shard_tokens:
             self._flush()
+
+    def _temporary(self):
+        return tempfile.NamedTemporaryFile(dir=self.out_dir, prefix=f".{self.split}.", suffix=".tmp", delete=False)
 
     def close(self) -> list[dict]:
         if self._file is not None:
@@ -75,16 +90,23 @@ class ShardWriter:
 
     def _flush(self) -> None:
         name = shard_name(self.split, len(self.shards))
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        os.chmod(self._file.name, 0o666 & ~current_umask())
-        os.replace(self._file.name, self.out_dir / name)
+        if self._mask_file is not None:
+            _commit(self._mask_file, self.out_dir / mask_name(name))
+        _commit(self._file, self.out_dir / name)
         buffer = io.BytesIO()
         np.save(buffer, np.array(self._starts, dtype=np.int64), allow_pickle=False)
         atomic_write_bytes(self.out_dir / index_name(name), buffer.getvalue())
         self.shards.append({"file": name, "tokens": self._tokens, "documents": len(self._starts)})
-        self._file, self._starts, self._tokens = None, [], 0
+        self._file, self._mask_file, self._starts, self._tokens = None, None, [], 0
+
+
+def _commit(file, path: Path) -> None:
+    """Close a finished temporary file and give it its real name."""
+    file.flush()
+    os.fsync(file.fileno())
+    file.close()
+    os.chmod(file.name, 0o666 & ~current_umask())
+    os.replace(file.name, path)
 
 
 def read_manifest(data_dir: str | Path) -> dict:
@@ -122,6 +144,17 @@ def open_shard(data_dir: Path, shard: dict, dtype: np.dtype) -> tuple[np.ndarray
         raise ScratchLMError(f"shard {bin_path} has {len(tokens)} tokens, manifest says {shard['tokens']}")
     starts = np.load(idx_path, allow_pickle=False)
     return tokens, starts
+
+
+def open_loss_mask(data_dir: Path, shard: dict) -> np.ndarray:
+    """The loss mask memmap of one shard (data with `"loss_mask": true` in its manifest)."""
+    path = data_dir / mask_name(shard["file"])
+    if not path.is_file():
+        raise ScratchLMError(f"missing loss mask file {path}")
+    mask = np.memmap(path, dtype=np.uint8, mode="r")
+    if len(mask) != shard["tokens"]:
+        raise ScratchLMError(f"loss mask {path} has {len(mask)} entries, the shard has {shard['tokens']} tokens")
+    return mask
 
 
 def iter_documents(data_dir: str | Path, split: str) -> Iterator[np.ndarray]:

@@ -1,6 +1,30 @@
-"""Evaluation: bits per byte on held-out text, beside gzip and xz on the same bytes."""
+"""Evaluation: bits per byte beside gzip and xz, and the standard benchmarks scored as
+lm-evaluation-harness scores them (`scratchlm eval`).
 
-from scratchlm.eval.bpb import BitsPerByte, evaluate_bits_per_byte
-from scratchlm.eval.compression import CompressionResult, compression_bits_per_byte
+Names are imported on first use, so `scratchlm --help` does not load torch.
+"""
 
-__all__ = ["BitsPerByte", "CompressionResult", "compression_bits_per_byte", "evaluate_bits_per_byte"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "BitsPerByte": "scratchlm.eval.bpb",
+    "evaluate_bits_per_byte": "scratchlm.eval.bpb",
+    "CompressionResult": "scratchlm.eval.compression",
+    "compression_bits_per_byte": "scratchlm.eval.compression",
+    "Score": "scratchlm.eval.scoring",
+    "loglikelihoods": "scratchlm.eval.scoring",
+    "TASKS": "scratchlm.eval.suite",
+    "evaluate": "scratchlm.eval.suite",
+    "results_table": "scratchlm.eval.suite",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -5,9 +5,30 @@ and Hugging Face checkpoints (local or from the Hub) in.
     export_hf("runs/tiny/model", "tiny-hf")              # AutoModelForCausalLM.from_pretrained("tiny-hf")
     export_gguf("runs/tiny/model", "tiny.gguf", "q8_0")  # llama-cli -m tiny.gguf
     import_hf(None, "gpt2", from_hub="openai-community/gpt2")
+
+Functions are imported on first use, so `scratchlm --help` (which lists the dtypes) does not
+load torch.
 """
 
-from scratchlm.export.gguf import GGUF_DTYPES, export_gguf
-from scratchlm.export.hf import HF_DTYPES, download_hf, export_hf, import_hf
+from __future__ import annotations
 
-__all__ = ["GGUF_DTYPES", "HF_DTYPES", "download_hf", "export_gguf", "export_hf", "import_hf"]
+import importlib
+from typing import Any
+
+HF_DTYPES = ("float32", "bfloat16", "float16")
+GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")
+
+_LAZY = {
+    "download_hf": "scratchlm.export.hf",
+    "export_hf": "scratchlm.export.hf",
+    "import_hf": "scratchlm.export.hf",
+    "export_gguf": "scratchlm.export.gguf",
+}
+
+__all__ = sorted(["GGUF_DTYPES", "HF_DTYPES", *_LAZY])
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -26,15 +26,16 @@ from pathlib import Path
 import torch
 
 from scratchlm.errors import ScratchLMError
+from scratchlm.export import GGUF_DTYPES
 from scratchlm.export.adapters import GPT2, QWEN3, bias_or_zeros, hf_architecture, qkv_sizes
 from scratchlm.export.hf import check_dtype
 from scratchlm.export.hf_tokenizer import byte_level_merges, byte_level_tokens
 from scratchlm.fsutil import atomic_output_file
 from scratchlm.model import ModelConfig
 from scratchlm.model.directory import load_model
+from scratchlm.post.chat import CHATML, CHATML_JINJA, IM_END, chat_format
 from scratchlm.tokenizer import Tokenizer
 
-GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")
 PRE_TOKENIZERS = {"gpt2": "gpt-2", "gpt4": "llama-bpe"}
 
 
@@ -165,3 +166,10 @@ def _add_tokenizer(writer, gguf, tokenizer: Tokenizer) -> None:
     # generate` starts it: llama.cpp adds the "bos" token, which is that token, in front.
     writer.add_add_bos_token(tokenizer.eot_id is not None)
     writer.add_add_eos_token(False)
+    if chat_format(tokenizer) == CHATML:
+        # A chat model ends its turn with <|im_end|>: llama.cpp stops there, and finds the
+        # ChatML format from the template (its built-in chatml renders the same ids after bos).
+        end_of_turn = tokenizer.special_tokens[IM_END]
+        writer.add_eos_token_id(end_of_turn)
+        writer.add_eot_token_id(end_of_turn)
+        writer.add_chat_template(CHATML_JINJA)

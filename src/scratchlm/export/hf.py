@@ -6,9 +6,12 @@ vLLM, TGI) read:
     config.json             LlamaForCausalLM, Qwen3ForCausalLM or GPT2LMHeadModel (adapters.py)
     model.safetensors       the weights under transformers' names (a tied head is not stored:
                             transformers ties it to the embedding on load)
-    generation_config.json  end-of-text as bos/eos; our default sampling (temperature 0.8)
+    generation_config.json  end-of-text as bos/eos (a chat model: eos <|im_end|>, then
+                            end-of-text); our default sampling (temperature 0.8)
     tokenizer.json          our BPE as a `tokenizers` byte-level BPE (hf_tokenizer.py)
-    tokenizer_config.json
+    tokenizer_config.json   with a chat model's template (`chat_template`)
+    chat_template.jinja     a chat model's template again: transformers 5 reads (and writes)
+                            this file; older versions and other tools read tokenizer_config
 
 Import reads such a directory (ours or a published Llama-family / GPT-2 checkpoint: one
 safetensors file, sharded ones with their index, or pytorch_model.bin through
@@ -28,19 +31,23 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from scratchlm.errors import ScratchLMError
+from scratchlm.export import HF_DTYPES
 from scratchlm.export.adapters import GPT2, config_from_hf, from_hf, hf_architecture, hf_config, to_hf
-from scratchlm.export.hf_tokenizer import from_tokenizer_json, tokenizer_config, tokenizer_json
-from scratchlm.fsutil import atomic_directory, atomic_write_json, check_output_directory, current_umask
+from scratchlm.export.hf_tokenizer import chat_template_name, from_tokenizer_json, tokenizer_config, tokenizer_json
+from scratchlm.fsutil import (atomic_directory, atomic_write_json, atomic_write_text, check_output_directory,
+                               current_umask)
 from scratchlm.model import ModelConfig, Transformer
 from scratchlm.model.directory import load_model, save_model
+from scratchlm.post.chat import CHATML, CHATML_JINJA, chat_format, stop_ids
 from scratchlm.tokenizer import ENDOFTEXT, Tokenizer
 from scratchlm.tokenizer.files import read_gpt2_files
 
-HF_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_TORCH_DTYPES = {name: getattr(torch, name) for name in HF_DTYPES}
 # The sampling `scratchlm generate` uses by default, so `model.generate(do_sample=True)` matches.
 DEFAULT_TEMPERATURE = 0.8
 
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
+CHAT_TEMPLATE_JINJA = "chat_template.jinja"
 PYTORCH_BIN, PYTORCH_BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 
 
@@ -57,18 +64,22 @@ def export_hf(model_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: s
     check_output_directory(out_dir, overwrite, "Hugging Face checkpoint")
     model, tokenizer = load_model(model_dir)
     config = model.config
-    tensors = {name: tensor.to(HF_DTYPES[dtype]).contiguous()
+    tensors = {name: tensor.to(_TORCH_DTYPES[dtype]).contiguous()
                for name, tensor in to_hf(model.state_dict(), config).items()}
     values = hf_config(config, tokenizer.eot_id)
     # transformers 5 reads "dtype"; earlier versions, vLLM and TGI "torch_dtype".
     values.update(dtype=dtype, torch_dtype=dtype)
-    generation = {"bos_token_id": tokenizer.eot_id, "eos_token_id": tokenizer.eot_id, "do_sample": True,
-                  "temperature": DEFAULT_TEMPERATURE, "max_length": config.context_length}
+    chat = chat_format(tokenizer) == CHATML
+    # transformers' generate stops at any of a list of eos ids.
+    generation = {"bos_token_id": tokenizer.eot_id, "eos_token_id": stop_ids(tokenizer) if chat else tokenizer.eot_id,
+                  "do_sample": True, "temperature": DEFAULT_TEMPERATURE, "max_length": config.context_length}
     with atomic_directory(out_dir, overwrite, "Hugging Face checkpoint", commit_last=("config.json",)) as tmp:
         _write_safetensors(tmp / SAFETENSORS, tensors)
         atomic_write_json(tmp / "generation_config.json", generation)
         atomic_write_json(tmp / "tokenizer.json", tokenizer_json(tokenizer))
         atomic_write_json(tmp / "tokenizer_config.json", tokenizer_config(tokenizer, config.context_length))
+        if chat:
+            atomic_write_text(tmp / CHAT_TEMPLATE_JINJA, CHATML_JINJA)
         atomic_write_json(tmp / "config.json", values)
     return Path(out_dir)
 
@@ -119,13 +130,30 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def read_hf_tokenizer(source: Path) -> Tokenizer:
-    """tokenizer.json when present (byte-level BPE only), else GPT-2's vocab.json + merges.txt."""
+    """tokenizer.json when present (byte-level BPE only), else GPT-2's vocab.json + merges.txt;
+    with the chat template when it is ours (see `_chat_template`)."""
     if (source / "tokenizer.json").is_file():
-        return from_tokenizer_json(source / "tokenizer.json")
+        tokenizer = from_tokenizer_json(source / "tokenizer.json")
+        tokenizer.chat_template = _chat_template(source)
+        return tokenizer
     if (source / "vocab.json").is_file() and (source / "merges.txt").is_file():
         vocab, merges = read_gpt2_files(source / "vocab.json", source / "merges.txt")
         return Tokenizer(vocab, merges, [ENDOFTEXT], pattern="gpt2")
     raise ScratchLMError(f"{source}: no tokenizer (tokenizer.json, or vocab.json with merges.txt)")
+
+
+def _chat_template(source: Path) -> str | None:
+    """The name of the checkpoint's chat template if it is the one export writes (a chat model
+    of ours coming back), else None: the model is then talked to in the plain format, and SFT
+    records ChatML when it adds (or finds) the chat tokens."""
+    if (source / CHAT_TEMPLATE_JINJA).is_file():  # transformers 5 prefers it to tokenizer_config's
+        try:
+            return chat_template_name((source / CHAT_TEMPLATE_JINJA).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ScratchLMError(f"{source / CHAT_TEMPLATE_JINJA}: unreadable ({exc})") from None
+    if (source / "tokenizer_config.json").is_file():
+        return chat_template_name(_read_json(source / "tokenizer_config.json").get("chat_template"))
+    return None
 
 
 def _pad_vocabulary(tokenizer: Tokenizer, vocab_size: int, source: Path) -> Tokenizer:
@@ -140,7 +168,8 @@ def _pad_vocabulary(tokenizer: Tokenizer, vocab_size: int, source: Path) -> Toke
     vocab = dict(tokenizer.vocab)
     for i in range(tokenizer.vocab_size, vocab_size):
         vocab[i] = f"<|unused_{i}|>".encode()
-    return Tokenizer(vocab, tokenizer.merges, list(tokenizer.special_tokens), pattern=tokenizer.pattern)
+    return Tokenizer(vocab, tokenizer.merges, list(tokenizer.special_tokens), pattern=tokenizer.pattern,
+                     chat_template=tokenizer.chat_template)
 
 
 def _read_hf_weights(source: Path) -> tuple[dict[str, torch.Tensor], str]:

@@ -7,6 +7,10 @@ regex, so the pieces are exactly ours; special tokens are added tokens. The resu
 to our ids (`add_special_tokens=False`) and decodes to our text. With special tokens added
 (transformers' default) the ids start with <|endoftext|>: every training document follows
 one, and `scratchlm generate` starts a prompt the same way.
+
+A chat model's tokenizer (ChatML, scratchlm.post.chat) also gets its chat template as Jinja,
+so `apply_chat_template` gives the ids we train on, and <|im_end|> as its eos token: the
+end of the assistant's turn is where a chat model stops.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from scratchlm.errors import ScratchLMError
+from scratchlm.post.chat import CHATML, CHATML_JINJA, IM_END, chat_format
 from scratchlm.tokenizer import ENDOFTEXT, Tokenizer
 from scratchlm.tokenizer.files import gpt2_bytes_to_unicode
 from scratchlm.tokenizer.pretokenize import PATTERNS
@@ -88,9 +93,20 @@ def _start_with_end_of_text(tokenizer: Tokenizer) -> dict[str, Any] | None:
 
 def tokenizer_config(tokenizer: Tokenizer, context_length: int) -> dict[str, Any]:
     eot = ENDOFTEXT if tokenizer.eot_id is not None else None
-    return {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": context_length,
-            "bos_token": eot, "eos_token": eot, "add_bos_token": eot is not None, "add_eos_token": False,
-            "clean_up_tokenization_spaces": False}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": context_length,
+              "bos_token": eot, "eos_token": eot, "add_bos_token": eot is not None, "add_eos_token": False,
+              "clean_up_tokenization_spaces": False}
+    if chat_format(tokenizer) == CHATML:
+        # The template writes <|endoftext|> itself: apply_chat_template tokenizes without
+        # adding special tokens.
+        config.update(eos_token=IM_END, chat_template=CHATML_JINJA)
+    return config
+
+
+def chat_template_name(template: str | None) -> str | None:
+    """The name of a Hugging Face chat template that is one of ours (an export read back),
+    else None: another model's template is not a format scratchlm renders."""
+    return CHATML if template == CHATML_JINJA else None
 
 
 def from_tokenizer_json(path: Path) -> Tokenizer:

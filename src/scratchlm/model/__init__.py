@@ -22,15 +22,21 @@ from scratchlm.model.plan import Plan, plan
 _LAZY = {
     "KVCache": "scratchlm.model.transformer",
     "Transformer": "scratchlm.model.transformer",
+    "LoraConfig": "scratchlm.model.lora",
+    "apply_lora": "scratchlm.model.lora",
+    "merge_lora": "scratchlm.model.lora",
     "load_config": "scratchlm.model.directory",
     "load_model": "scratchlm.model.directory",
+    "merge_adapter": "scratchlm.model.directory",
+    "save_adapter": "scratchlm.model.directory",
     "save_model": "scratchlm.model.directory",
 }
 
 __all__ = [
-    "GPU_PEAK_FLOPS", "PRESETS", "KVCache", "ModelConfig", "Plan", "Transformer", "count_params",
-    "estimate_training_memory", "flops_per_token", "load_config", "load_model",
-    "peak_flops_for_device", "plan", "save_model",
+    "GPU_PEAK_FLOPS", "PRESETS", "KVCache", "LoraConfig", "ModelConfig", "Plan", "Transformer",
+    "apply_lora", "count_params", "estimate_training_memory", "flops_per_token", "load_config",
+    "load_model", "merge_adapter", "merge_lora", "peak_flops_for_device", "plan", "save_adapter",
+    "save_model",
 ]
 
 

@@ -85,6 +85,18 @@ class KVCache:
     def reset(self) -> None:
         self.lengths.zero_()
 
+    def select(self, rows: list[int]) -> KVCache:
+        """A new cache holding sequences `rows` of this one, in that order (a row may repeat):
+        e.g. one cached prompt continued several ways, each scored without recomputing it."""
+        index = torch.tensor(rows, dtype=torch.long)
+        selected = KVCache.__new__(KVCache)
+        selected.keys = self.keys.index_select(1, index.to(self.keys.device))
+        selected.values = self.values.index_select(1, index.to(self.values.device))
+        selected.max_len = self.max_len
+        selected.lengths = self.lengths[index].clone()
+        selected._positions, selected._end, selected.mask, selected.is_causal = None, 0, None, False
+        return selected
+
 
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
@@ -137,6 +149,15 @@ class Transformer(nn.Module):
                 segment_ids: torch.Tensor | None = None) -> torch.Tensor:
         """`segment_ids` (B, T): tokens with different ids (documents packed into one row) do
         not attend to each other, and positions restart in each (see document_attention)."""
+        logits = self.lm_head(self.features(idx, kv_cache, segment_ids)).float()
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-1)
+
+    def features(self, idx: torch.Tensor, kv_cache: KVCache | None = None,
+                 segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The final hidden states (B, T, d_model), normalised: what the LM head reads. Callers
+        that need the logits of a few positions only apply `lm_head` to those."""
         t = idx.shape[1]
         mask = None
         if kv_cache is None:
@@ -165,10 +186,7 @@ class Transformer(nn.Module):
             x = block(x, rope, kv_cache, mask)
         if kv_cache is not None:
             kv_cache.advance(t)
-        logits = self.lm_head(self.norm(x)).float()
-        if targets is None:
-            return logits
-        return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-1)
+        return self.norm(x)
 
     def new_kv_cache(self, batch_size: int, max_len: int | None = None,
                      device: torch.device | str | None = None,

@@ -2,7 +2,8 @@
 
 Layout of a tokenizer directory (other files may sit beside these, as in model directories):
 - tokenizer.json: settings: format and version, pattern name and regex, vocab size,
-  special tokens with their ids, the names of the other two files.
+  special tokens with their ids, the names of the other two files, and the name of the chat
+  template when the model has one (`chat_template`; files without it load as having none).
 - vocab.txt: one token per line, `<id> <token>`, ids 0..N-1 in order.
 - merges.txt: one merge per line, `<left> <right>`, in merge (rank) order.
 
@@ -64,6 +65,7 @@ def save_tokenizer(tokenizer, directory: str | os.PathLike) -> None:
         "files": {"vocab": VOCAB_TXT, "merges": MERGES_TXT},
         "token_escaping": "JSON string of the UTF-8 text; invalid bytes as \\udcXX (surrogateescape)",
         "fingerprint": tokenizer.fingerprint(),
+        **({"chat_template": tokenizer.chat_template} if tokenizer.chat_template is not None else {}),
     })
 
 
@@ -84,7 +86,8 @@ def load_tokenizer(directory: str | os.PathLike):
             f"{directory / VOCAB_TXT}: {len(vocab)} tokens but {settings_path} says vocab_size {settings['vocab_size']}"
         )
     try:
-        tokenizer = Tokenizer(vocab, merges, list(settings["special_tokens"]), pattern=settings["pattern"]["name"])
+        tokenizer = Tokenizer(vocab, merges, list(settings["special_tokens"]), pattern=settings["pattern"]["name"],
+                              chat_template=settings.get("chat_template"))
     except ScratchLMError as exc:
         raise ScratchLMError(f"corrupt tokenizer in {directory}: {exc}") from None
     if tokenizer.special_tokens != settings["special_tokens"] or tokenizer.vocab_size != settings["vocab_size"]:
@@ -124,6 +127,7 @@ def _read_settings(path: Path) -> dict:
         "vocab_size": lambda v: isinstance(v, int) and v >= 256,
         "pattern": lambda v: isinstance(v, dict) and isinstance(v.get("name"), str),
         "special_tokens": lambda v: isinstance(v, dict) and all(isinstance(i, int) for i in v.values()),
+        "chat_template": lambda v: v is None or (isinstance(v, str) and v != ""),
     }
     for field, ok in checks.items():
         if not ok(settings.get(field)):

@@ -48,6 +48,9 @@ class Tokenizer:
     bytes are its UTF-8 (the highest such id, in case a merged token has the same bytes), or a
     new id at the end of the vocab. Vocab entries that are neither bytes, merged tokens nor
     registered special tokens still decode, but are never produced by encode.
+    chat_template: the name of the chat format the model was trained with ("chatml", see
+    scratchlm.post.chat), or None. It is kept here because the tokenizer travels with every
+    model directory, checkpoint and export; it changes no ids, so it is not in the fingerprint.
     """
 
     def __init__(
@@ -56,8 +59,10 @@ class Tokenizer:
         merges: list[tuple[bytes, bytes]],
         special_tokens: Iterable[str] | None = None,
         pattern: str = "gpt2",
+        chat_template: str | None = None,
     ) -> None:
         self.pattern = pattern
+        self.chat_template = chat_template
         self._pattern_regex = pattern_regex(pattern)
         self.vocab: dict[int, bytes] = {int(i): bytes(t) for i, t in vocab.items()}
         if sorted(self.vocab) != list(range(len(self.vocab))):

@@ -86,21 +86,27 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- save
 def save_checkpoint(root: Path, step: int, *, model: nn.Module, tokenizer, optimizer,
                     trainer_state: dict[str, Any], rank_state: dict[str, Any],
-                    val_loss: float | None, keep: int, sharded: bool, ctx: DistContext) -> Path:
+                    val_loss: float | None, keep: int, sharded: bool, ctx: DistContext,
+                    adapters: tuple[str, Any] | None = None) -> Path:
     """Write checkpoint `step` collectively (every rank calls this), then prune old ones.
 
     trainer_state: rank-independent values (step, tokens, elapsed, ...), from rank 0.
     rank_state: this rank's RNG and loader state; all ranks' are gathered into the file.
+    adapters: (base model directory, LoraConfig) of a LoRA run: the checkpoint is then an
+    adapter directory (the frozen base is not copied into every checkpoint).
     """
     rank_states = gather_objects(rank_state, ctx)
     final = root / checkpoint_name(step)
     with _shared_tmp_dir(final, ctx) as tmp:
         full_weights = gather_full_weights(model, ctx) if sharded else None
         if ctx.is_main:
-            from scratchlm.model.directory import save_model
+            from scratchlm.model.directory import save_adapter, save_model
 
-            # First: save_model replaces the whole directory it is given.
-            save_model(tmp, model, tokenizer, extra={"step": step}, state_dict=full_weights)
+            # First: save_model/save_adapter replace the whole directory they are given.
+            if adapters is not None:
+                save_adapter(tmp, model, tokenizer, *adapters, extra={"step": step})
+            else:
+                save_model(tmp, model, tokenizer, extra={"step": step}, state_dict=full_weights)
         barrier(ctx)
         if sharded:
             _save_sharded(tmp / SHARDED_DIR, model, optimizer)
@@ -199,10 +205,17 @@ def load_checkpoint_weights(path: Path, model: nn.Module, optimizer, state: dict
         set_state_dict(model, optimizer, model_state_dict=target["model"],
                        optim_state_dict=target["optim"])
         return
-    from scratchlm.model.directory import load_model
+    from scratchlm.model.directory import is_adapter_directory, load_model
 
-    saved, _ = load_model(path, device="cpu")
-    model.load_state_dict(saved.state_dict())
+    if is_adapter_directory(path):
+        from scratchlm.model.directory import adapter_base, read_adapter_weights
+        from scratchlm.model.lora import load_lora_state_dict
+
+        adapter_base(path)  # the frozen base must still be the one these adapters were trained on
+        load_lora_state_dict(model, read_adapter_weights(path))
+    else:
+        saved, _ = load_model(path, device="cpu")
+        model.load_state_dict(saved.state_dict())
     optimizer.load_state_dict(state["optimizer"])
 
 

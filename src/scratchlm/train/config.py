@@ -1,4 +1,4 @@
-"""Training configuration: five typed sections loaded from YAML or TOML, plus CLI overrides.
+"""Training configuration: six typed sections loaded from YAML or TOML, plus CLI overrides.
 
 A config file maps onto `TrainConfig` section by section. Unknown keys are refused with the
 list of valid ones (a typo must not silently fall back to a default), and every value is
@@ -107,6 +107,7 @@ class RunSection:
     distributed: str = option("ddp", "under torchrun with >1 process: ddp or fsdp")
     threads: int | None = option(None, "torch CPU threads (fixed for bit-exact CPU resume)")
     eval_every: int = option(200, "steps between evaluations; 0: only at the end")
+    eval_first: bool = option(False, "also evaluate before the first step (a fine-tuning run's starting point)")
     eval_batches: int = option(20, "validation batches per evaluation; 0: the whole val split")
     sample_tokens: int = option(64, "tokens generated at each evaluation; 0 disables samples")
     sample_prompt: str = option("\n", "prompt of those samples")
@@ -120,12 +121,24 @@ class RunSection:
 
 
 @dataclass
+class LoraSection:
+    """Low-rank adapters (Hu et al. 2021): the model's weights stay frozen and only small
+    matrices beside the chosen projections train (scratchlm.model.lora)."""
+
+    rank: int = option(0, "rank of the adapters; 0: no LoRA, every weight trains")
+    alpha: float = option(16.0, "the adapters' output is scaled by alpha / rank")
+    dropout: float = option(0.0, "dropout on the adapters' input")
+    targets: str = option("q,k,v,o,gate,up,down", "projections that get adapters (comma-separated)")
+
+
+@dataclass
 class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     optimizer: OptimizerSection = field(default_factory=OptimizerSection)
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
     run: RunSection = field(default_factory=RunSection)
+    lora: LoraSection = field(default_factory=LoraSection)
     source: str = field(default="", compare=False, repr=False)  # the file it was read from, if any
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -168,9 +181,13 @@ class TrainConfig:
                                  f"got {sched.decay_fraction!r}")
         if not self.data.dir:
             raise ScratchLMError("config field data.dir: required (a prepared data directory)")
+        if self.lora.rank < 0:
+            raise ScratchLMError(f"config field lora.rank: must be >= 0, got {self.lora.rank!r}")
+        if self.lora.rank and not self.model.init_from:
+            raise ScratchLMError("config field lora.rank: adapters need a trained model to adapt (model.init_from)")
 
 
-SECTION_NAMES = ("model", "data", "optimizer", "schedule", "run")
+SECTION_NAMES = ("model", "data", "optimizer", "schedule", "run", "lora")
 SECTIONS: dict[str, type] = {name: typing.get_type_hints(TrainConfig)[name] for name in SECTION_NAMES}
 
 

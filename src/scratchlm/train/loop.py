@@ -43,7 +43,7 @@ FINAL = "final"
 
 
 def train(config: TrainConfig, out_dir: str | Path, resume: bool = False, *, overwrite: bool = False,
-          clock: Callable[[], float] = time.monotonic) -> dict[str, Any]:
+          clock: Callable[[], float] = time.monotonic, trainer: type[Trainer] | None = None) -> dict[str, Any]:
     """Train per `config` into `out_dir`; returns the run summary.
 
     resume=True continues from the latest checkpoint there (a fresh start when there is none);
@@ -52,6 +52,7 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False, *, ove
     overwrite=True (only the run's own files are written there); with overwrite and without
     resume, an earlier run's checkpoints, metrics and final model in it are replaced.
     `clock` (seconds, monotonic) measures the time budget: tests drive it by hand.
+    `trainer`: a Trainer subclass with another objective and data (post-training's DPO).
     """
     config.validate()
     out_dir = check_run_directory(Path(out_dir), resume, overwrite)
@@ -62,7 +63,7 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False, *, ove
     threads = torch.get_num_threads()
     ctx = init_distributed(config.run.device)
     try:
-        return Trainer(config, out_dir, ctx, clock).run(resume)
+        return (trainer or Trainer)(config, out_dir, ctx, clock).run(resume)
     finally:
         torch.set_num_threads(threads)  # run.threads is for this run, not the caller
         if owns_group:
@@ -110,26 +111,44 @@ def remove_training_run(out_dir: Path) -> None:
 
 
 # --------------------------------------------------------------------------- one step
+class LanguageModeling:
+    """The objective of pretraining and SFT: mean next-token cross-entropy over the targets
+    that are not -1 (padding, and in fine-tuning data the prompt's tokens).
+
+    An objective says what one micro-batch's loss is and how much that micro-batch weighs in
+    the step's mean; post-training objectives (DPO) plug into the same loop this way."""
+
+    def weight(self, batch: tuple[torch.Tensor, ...]) -> int:
+        """How many of the step's averaged items are in `batch` (here: targets)."""
+        return int((batch[1] >= 0).sum())
+
+    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """Mean loss over the batch's items; a batch is (x, y) or (x, y, segment_ids)."""
+        x, y, *segments = batch
+        return model(x, y, segment_ids=segments[0] if segments else None)
+
+
 def accumulate_gradients(model: nn.Module, batches: list[tuple[torch.Tensor, ...]],
                          autocast: Callable[[], contextlib.AbstractContextManager],
-                         scaler: torch.amp.GradScaler, device: torch.device) -> torch.Tensor:
+                         scaler: torch.amp.GradScaler, device: torch.device,
+                         objective: LanguageModeling = LanguageModeling()) -> torch.Tensor:
     """Forward and backward over the micro-batches of one step; return their mean loss.
 
-    A batch is (x, y) or (x, y, segment_ids); targets -1 are padding. Each micro-batch's mean
-    loss is weighted by its share of the step's targets, so the summed gradients equal those
-    of the mean loss over all the step's targets (padding spreads unevenly over micro-batches).
-    Gradient all-reduce happens on the last micro-batch only.
+    Each micro-batch's mean loss is weighted by its share of the step's items (targets, for
+    language modeling), so the summed gradients equal those of the mean loss over all the
+    step's items (padding spreads unevenly over micro-batches). Gradient all-reduce happens
+    on the last micro-batch only.
     """
-    counts = [int((batch[1] >= 0).sum()) for batch in batches]  # on the CPU: no device sync
-    total_targets = max(sum(counts), 1)
+    counts = [objective.weight(batch) for batch in batches]  # on the CPU: no device sync
+    total_items = max(sum(counts), 1)
     total = torch.zeros((), device=device)
     for i, (batch, count) in enumerate(zip(batches, counts)):
-        x, y, *segments = (t.to(device, non_blocking=True) for t in batch)
+        batch = tuple(t.to(device, non_blocking=True) for t in batch)
         with gradient_sync(model, sync=i == len(batches) - 1):
             with autocast():
-                loss = model(x, y, segment_ids=segments[0] if segments else None)
+                loss = objective.loss(model, batch)
             if count:
-                weighted = loss * (count / total_targets)
+                weighted = loss * (count / total_items)
                 scaler.scale(weighted).backward()
                 total += weighted.detach()
             else:  # an all-padding micro-batch: no gradient, but DDP/FSDP still sync
@@ -139,6 +158,11 @@ def accumulate_gradients(model: nn.Module, batches: list[tuple[torch.Tensor, ...
 
 # --------------------------------------------------------------------------- the trainer
 class Trainer:
+    """Everything of one training run. Subclasses change what is learnt, not how: they
+    override `objective`, `_loader` and `evaluate` (scratchlm.post.preference does)."""
+
+    objective = LanguageModeling()
+
     def __init__(self, config: TrainConfig, out_dir: Path, ctx: DistContext,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.config, self.out_dir, self.ctx, self.clock = config, out_dir, ctx, clock
@@ -152,6 +176,9 @@ class Trainer:
             raise ScratchLMError("config: optimizer.name muon is not supported with "
                                  "run.distributed fsdp (Newton-Schulz needs whole matrices); "
                                  "use ddp")
+        if self.sharded and config.lora.rank:
+            raise ScratchLMError("config: LoRA (lora.rank) is not supported with run.distributed fsdp; use ddp "
+                                 "(the frozen base is small enough to replicate when adapters are what trains)")
 
         self.tokenizer = self._load_tokenizer()
         self.manifest = self._check_data()
@@ -196,6 +223,7 @@ class Trainer:
         self.lr_factor = 0.0  # of the last step taken
         self.rewarm: tuple[int, float] | None = None  # (step, factor) a budget change re-warms from
         self.best_val_loss: float | None = None
+        self.initial_eval: dict[str, float] | None = None  # run.eval_first: before the first step
         self.last_checkpoint: Path | None = None
 
     # ----------------------------------------------------------------------- setup checks
@@ -266,7 +294,22 @@ class Trainer:
 
             pretrained, _ = load_model(self.config.model.init_from)
             model.load_state_dict(pretrained.state_dict())
+        if self.lora is not None:
+            from scratchlm.model.lora import apply_lora
+
+            apply_lora(model, self.lora)  # freezes the base: the optimizer then sees the adapters only
         return model
+
+    @property
+    def lora(self):
+        """The run's LoraConfig, or None when every weight trains."""
+        from scratchlm.model.lora import LoraConfig
+
+        section = self.config.lora
+        if not section.rank:
+            return None
+        targets = tuple(t.strip() for t in section.targets.split(",") if t.strip())
+        return LoraConfig(rank=section.rank, alpha=section.alpha, dropout=section.dropout, targets=targets)
 
     def _loader(self, split: str, packing: str):
         from scratchlm.data import TokenLoader
@@ -355,6 +398,7 @@ class Trainer:
         self.elapsed_before = state["elapsed_s"]
         self.warmup_end = state["warmup_end"]
         self.best_val_loss = state["best_val_loss"]
+        self.initial_eval = state.get("initial_eval")
         self.lr_factor = state["lr_factor"]
         self.rewarm = state["rewarm"]
         self.last_checkpoint = latest
@@ -397,14 +441,14 @@ class Trainer:
             "best_val_loss": self.best_val_loss, "scaler": self.scaler.state_dict(),
             "model_config": self.model_config.to_dict(), "budget": self._budget(),
             "progress": self.progress(self.step, elapsed), "lr_factor": self.lr_factor,
-            "rewarm": self.rewarm,
+            "rewarm": self.rewarm, "initial_eval": self.initial_eval,
         }
         rank_state = {"rng": ckpt.capture_rng_state(), "loader": self.train_loader.state_dict()}
         self.last_checkpoint = ckpt.save_checkpoint(
             self.out_dir / CHECKPOINTS, self.step, model=self.raw_model, tokenizer=self.tokenizer,
             optimizer=self.optimizer, trainer_state=trainer_state, rank_state=rank_state,
             val_loss=val_loss, keep=self.config.run.keep_checkpoints, sharded=self.sharded,
-            ctx=self.ctx)
+            ctx=self.ctx, adapters=self._adapters())
         return self.last_checkpoint
 
     # ----------------------------------------------------------------------- evaluation
@@ -451,6 +495,8 @@ class Trainer:
             atomic_write_text(self.out_dir / CONFIG_COPY, dump_config_yaml(self.config))
             self.metrics.truncate_after(self.step)
         self._say(self._banner())
+        if self.config.run.eval_first and self.step == 0:
+            self.initial_eval = self._evaluate_and_log(self.elapsed_before)
         session = _Session(start=self.clock(), last_checkpoint=self.clock())
         bar = self._progress_bar()
         with _stop_requests() as stop_requested:
@@ -542,7 +588,7 @@ class Trainer:
     def train_step(self) -> tuple[float, float, bool]:
         """One optimizer step; returns (mean loss, gradient norm, whether it was applied)."""
         batches = [self._batch() for _ in range(self.grad_accum)]
-        loss = accumulate_gradients(self.model, batches, self.autocast, self.scaler, self.device)
+        loss = accumulate_gradients(self.model, batches, self.autocast, self.scaler, self.device, self.objective)
         self.scaler.unscale_(self.optimizer)
         grad_norm = clip_grad_norm_(self.raw_model.parameters(), self.config.optimizer.grad_clip)
         loss_value, norm_value = all_reduce_sum([loss.item(), grad_norm.item()], self.ctx)
@@ -578,13 +624,22 @@ class Trainer:
             self.best_val_loss = result["val_loss"]
         self.metrics.log(dict(kind="eval", step=self.step, tokens=self.tokens,
                               elapsed_s=elapsed, **result))
-        self._say(f"step {self.step}: val loss {result['val_loss']:.4f}, "
-                  f"{result['val_bpb']:.4f} bits/byte")
+        self._say(f"step {self.step}: {_figures_text(result)}")
         if self.config.run.sample_tokens > 0:
             text = self.sample()
             self.metrics.log(dict(kind="sample", step=self.step, tokens=self.tokens, text=text))
             self._say(f"sample: {text!r}")
         return result
+
+    def _parameter_counts(self) -> dict[str, int]:
+        """All parameters and the ones the optimizer updates (fewer with LoRA)."""
+        params = list({id(p): p for p in self.raw_model.parameters()}.values())  # a tied head once
+        return {"total_params": sum(p.numel() for p in params),
+                "trainable_params": sum(p.numel() for p in params if p.requires_grad)}
+
+    def _adapters(self) -> tuple[str, Any] | None:
+        """(base model directory, LoraConfig) of a LoRA run, whose checkpoints hold adapters only."""
+        return None if self.lora is None else (self.config.model.init_from, self.lora)
 
     def _mfu(self, tokens_per_s: float) -> float | None:
         return model_flops_utilization(tokens_per_s, self.flops_per_token, self.peak_flops,
@@ -602,22 +657,28 @@ class Trainer:
             "train_tokens_per_s": tokens_per_s, "tokens_per_s": tokens_per_s,
             "mfu": self._mfu(tokens_per_s) if tokens_per_s else None,
             "val_loss": eval_result.get("val_loss"), "val_bpb": eval_result.get("val_bpb"),
+            **{name: value for name, value in eval_result.items() if name not in ("val_loss", "val_bpb")},
+            "initial_eval": self.initial_eval,
             "best_val_loss": self.best_val_loss, "final_dir": str(final_dir),
             "best_checkpoint": None, "device": str(self.device),
-            "world_size": self.ctx.world_size,
+            "world_size": self.ctx.world_size, **self._parameter_counts(),
         }
         if self.ctx.is_main:
-            from scratchlm.model.directory import save_model
+            from scratchlm.model.directory import save_adapter, save_model
 
-            save_model(final_dir, self.raw_model, self.tokenizer, extra={"summary": _json_safe(summary)},
-                       state_dict=full_weights, overwrite=True)
+            extra = {"summary": _json_safe(summary)}
+            if self.lora is not None:
+                save_adapter(final_dir, self.raw_model, self.tokenizer, self.config.model.init_from, self.lora,
+                             extra=extra, overwrite=True)
+            else:
+                save_model(final_dir, self.raw_model, self.tokenizer, extra=extra, state_dict=full_weights,
+                           overwrite=True)
             best = ckpt.best_checkpoint(self.out_dir / CHECKPOINTS)
             summary["best_checkpoint"] = str(best) if best else None
             plot_loss(self.out_dir / METRICS_FILE, self.out_dir / LOSS_PLOT)
             atomic_write_json(self.out_dir / SUMMARY, _json_safe(summary))
-            self._say(f"done: {self.step} steps, {self.tokens:,} tokens, val loss "
-                      f"{summary['val_loss']:.4f}, {summary['val_bpb']:.4f} bits/byte; "
-                      f"model in {final_dir}")
+            self._say(f"done: {self.step} steps, {self.tokens:,} tokens, {_figures_text(eval_result)}; "
+                      f"{'adapters' if self.lora is not None else 'model'} in {final_dir}")
         self.metrics.close()
         return summary
 
@@ -629,7 +690,15 @@ class Trainer:
         data = self.config.data
         packing = (f"{data.packing} packing ({self.train_loader.padding_fraction:.1%} padding"
                    f"{', attention within documents' if data.document_mask else ''})")
-        return (f"training {n_params / 1e6:.2f}M parameters on {self.device} ({dtype}, {mode}, "
+        if self.lora is not None:
+            counts = self._parameter_counts()
+            n_params = counts["trainable_params"]
+            lora = (f" (LoRA rank {self.lora.rank} on {','.join(self.lora.targets)}: "
+                    f"{counts['trainable_params'] / counts['total_params']:.2%} of {counts['total_params'] / 1e6:.2f}M, "
+                    f"the rest frozen)")
+        else:
+            lora = ""
+        return (f"training {n_params / 1e6:.2f}M parameters{lora} on {self.device} ({dtype}, {mode}, "
                 f"{self.ctx.world_size} process(es), {torch.get_num_threads()} CPU threads); "
                 f"{self.tokens_per_step:,} tokens/step = {self.grad_accum} micro-batch(es) of "
                 f"{self.config.run.micro_batch_size}x{self.context_length} per process; {packing}; "
@@ -670,6 +739,13 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def _figures_text(result: dict[str, float]) -> str:
+    """An evaluation's figures for the log: 'val loss 2.3456, 1.2345 bits/byte' and the like."""
+    names = {"val_loss": "val loss {:.4f}", "val_bpb": "{:.4f} bits/byte"}
+    return ", ".join(names.get(name, name.replace("_", " ") + " {:.4f}").format(value)
+                     for name, value in result.items())
 
 
 def _budget_text(budget: dict[str, float | None]) -> str:

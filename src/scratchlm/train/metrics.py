@@ -74,23 +74,38 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+_NOT_PLOTTED = {"step", "tokens", "elapsed_s", "val_loss", "val_bpb"}
+
+
 def plot_loss(metrics_path: Path, out_path: Path) -> None:
-    """Training loss (and validation loss at eval steps) against tokens seen."""
+    """Training loss (and validation loss at eval steps) against tokens seen; other figures
+    of the evaluations (DPO's preference accuracy and reward margin) in a second panel."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed; works on headless training nodes
     import matplotlib.pyplot as plt
 
     records = read_metrics(metrics_path)
-    fig, ax = plt.subplots(figsize=(7, 4))
+    evals = [r for r in records if r.get("kind") == "eval"]
+    others = sorted({k for r in evals for k, v in r.items() if isinstance(v, (int, float))} - _NOT_PLOTTED)
+    fig, axes = plt.subplots(1, 2 if others else 1, figsize=(12 if others else 7, 4), squeeze=False)
+    ax = axes[0][0]
     for kind, key, style in (("train", "loss", "-"), ("eval", "val_loss", "o-")):
         points = [(r["tokens"], r[key]) for r in records if r.get("kind") == kind and key in r]
         if points:
             ax.plot(*zip(*points), style, label=key.replace("_", " "), markersize=3)
     ax.set_xlabel("tokens")
-    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_ylabel("loss (nats per target)")
     ax.grid(alpha=0.3)
     ax.legend()
+    if others:
+        extra = axes[0][1]
+        for key in others:
+            points = [(r["tokens"], r[key]) for r in evals if r.get(key) is not None]
+            extra.plot(*zip(*points), "o-", label=key.replace("_", " "), markersize=3)
+        extra.set_xlabel("tokens")
+        extra.grid(alpha=0.3)
+        extra.legend()
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)

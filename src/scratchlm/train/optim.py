@@ -155,8 +155,11 @@ def split_decay_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Pa
 def hidden_matrices(model: nn.Module) -> set[int]:
     """ids of the 2-D weights inside the transformer blocks: the ones Muon handles.
     Embeddings and the output head stay with AdamW (Muon's orthogonal update suits
-    hidden linear maps, not lookup tables or the logit projection)."""
-    return {id(p) for p in model.blocks.parameters() if p.dim() == 2}
+    hidden linear maps, not lookup tables or the logit projection), and so do LoRA's
+    low-rank factors (an orthogonalised update of a rank-r factor is not LoRA's method)."""
+    from scratchlm.model.lora import is_adapter_key
+
+    return {id(p) for name, p in model.blocks.named_parameters() if p.dim() == 2 and not is_adapter_key(name)}
 
 
 def build_optimizer(model: nn.Module, cfg: OptimizerSection, device_type: str

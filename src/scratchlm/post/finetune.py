@@ -1,0 +1,138 @@
+"""What SFT and DPO share: their settings, the training config they hand to the training
+loop, and the layout of their output directory.
+
+    OUT_DIR/            the result: a model directory (or, with LoRA, an adapter directory)
+      summary.json      figures before and after, budget used, a few replies
+      loss.png          the training curves
+      base/             the starting model with the chat tokens added (SFT of a base model only)
+      data/             the rendered training data (token shards with a loss mask)
+      train/            the training run: checkpoints, metrics, final/ (`--resume` continues it)
+
+Post-training is the training loop (scratchlm.train) run on other data and, for DPO, with
+another objective: the optimizer, schedule, checkpoints, resume, time budget and
+distributed paths are the ones pretraining uses.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from scratchlm.errors import ScratchLMError
+from scratchlm.fsutil import atomic_directory, atomic_write_json, check_output_directory
+from scratchlm.train.config import TrainConfig
+
+BASE, DATA, TRAIN, SUMMARY, LOSS_PLOT = "base", "data", "train", "summary.json", "loss.png"
+
+
+@dataclass
+class FinetuneSettings:
+    """Budget and hyperparameters of one SFT or DPO run (the CLI's options)."""
+
+    minutes: float | None = None  # wall-clock budget
+    epochs: float | None = None  # passes over the training split (1 when no budget is given)
+    steps: int | None = None  # optimizer steps
+    lr: float | None = None  # peak learning rate; None: the method's default
+    batch_size: int = 16  # sequences (DPO: pairs) per optimizer step
+    micro_batch_size: int = 8  # sequences (DPO: pairs) per forward pass
+    val_fraction: float = 0.05  # held-out share of the data
+    seed: int = 1337
+    lora_rank: int = 0  # 0: every weight trains
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: str = "q,k,v,o,gate,up,down"
+    eval_every: int = 50
+    checkpoint_every: int = 100
+    device: str = "auto"
+    threads: int | None = None
+    progress: bool = True
+
+    def check(self) -> None:
+        for name in ("minutes", "epochs", "steps", "lr"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ScratchLMError(f"--{name}: must be a positive number, got {value}")
+        if self.batch_size < 1 or self.micro_batch_size < 1 or self.batch_size % self.micro_batch_size:
+            raise ScratchLMError(f"--batch-size {self.batch_size} must be a positive multiple of "
+                                 f"--micro-batch-size {self.micro_batch_size}")
+        if not 0 < self.val_fraction < 1:
+            raise ScratchLMError(f"--val-fraction: must be between 0 and 1, got {self.val_fraction}")
+
+
+def prepare_output(out_dir: Path, resume: bool, overwrite: bool) -> Path:
+    """Refuse to mix a new run into an earlier one's directory unless asked to."""
+    out_dir = check_output_directory(out_dir, overwrite=True, what="output")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (resume or overwrite):
+        raise ScratchLMError(f"{out_dir} is not empty: pass --resume to continue the run in it, --overwrite to "
+                             f"start over (its earlier run's files are replaced), or another -o")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return out_dir
+
+
+def training_config(settings: FinetuneSettings, init_from: Path, data_dir: Path, context_length: int,
+                    rows_per_epoch: int, rows_per_item: int, default_lr: float) -> TrainConfig:
+    """The training loop's config for a fine-tuning run. A step takes `batch_size` items
+    (conversations, or pairs of `rows_per_item` = 2 rows); each row is one item's sequence
+    in a context-length row (document packing, attention within each document)."""
+    config = TrainConfig()
+    config.model.init_from = str(init_from)
+    config.data.dir = str(data_dir)
+    config.data.packing, config.data.document_mask = "document", True
+    lora = settings.lora_rank > 0
+    # Fine-tuning moves a trained model a little: no weight decay pulling it towards zero,
+    # a short warmup, and (LoRA) a larger rate for freshly initialised adapters.
+    config.optimizer.lr = settings.lr or (default_lr * 10 if lora else default_lr)
+    config.optimizer.weight_decay = 0.0
+    config.schedule.warmup_steps = 10
+    rows_per_step = settings.batch_size * rows_per_item
+    config.run.micro_batch_size = settings.micro_batch_size * rows_per_item
+    config.run.global_batch_tokens = rows_per_step * context_length
+    epochs = settings.epochs if settings.epochs is not None or settings.minutes or settings.steps else 1.0
+    steps = [settings.steps] if settings.steps else []
+    if epochs is not None:
+        steps.append(max(1, math.ceil(epochs * rows_per_epoch / rows_per_step)))
+    config.run.max_steps = min(steps) if steps else None
+    config.run.max_minutes = settings.minutes
+    config.run.seed = settings.seed
+    config.run.device, config.run.threads, config.run.progress = settings.device, settings.threads, settings.progress
+    config.run.eval_first, config.run.eval_every, config.run.eval_batches = True, settings.eval_every, 0
+    config.run.sample_tokens = 0  # replies to held-out prompts are generated at the end instead
+    config.run.checkpoint_every, config.run.log_every = settings.checkpoint_every, 5
+    config.lora.rank, config.lora.alpha = settings.lora_rank, settings.lora_alpha
+    config.lora.dropout, config.lora.targets = settings.lora_dropout, settings.lora_targets
+    config.validate()
+    return config
+
+
+def publish(out_dir: Path, run_summary: dict[str, Any], summary: dict[str, Any]) -> None:
+    """Make OUT_DIR the trained model (or adapter) directory: the run's final/ files copied
+    beside the run, then summary.json and the loss plot."""
+    final = Path(run_summary["final_dir"])
+    names = sorted(p.name for p in final.iterdir() if p.is_file())
+    with atomic_directory(out_dir, overwrite=True, what="model") as tmp:
+        for name in names:
+            shutil.copy2(final / name, tmp / name)
+    plot = out_dir / TRAIN / LOSS_PLOT
+    if plot.is_file():
+        shutil.copy2(plot, out_dir / LOSS_PLOT)
+    atomic_write_json(out_dir / SUMMARY, summary)
+
+
+@torch.no_grad()
+def greedy_replies(model, tokenizer, prompts: list[list[int]], stop_id: int, max_new_tokens: int = 256
+                   ) -> list[tuple[list[int], bool]]:
+    """(reply ids, whether the model ended its turn) for each rendered prompt, greedily."""
+    replies = []
+    device = next(model.parameters()).device
+    for prompt in prompts:
+        window = model.config.context_length
+        budget = max(1, min(max_new_tokens, window - len(prompt)))
+        idx = torch.tensor([prompt[-window:]], device=device)
+        ids = list(model.generate(idx, budget, temperature=0.0, stop_token=stop_id))
+        replies.append((ids, len(ids) < budget))
+    return replies
