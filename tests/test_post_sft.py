@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -176,8 +175,19 @@ def test_data_errors_are_one_line(base_dir, tmp_path, capsys):
 
 def test_fit_to_context_cuts_the_end_and_counts(base_dir):
     model, tokenizer = add_chat_tokens(*load_model(base_dir))
-    ids, mask = render_conversation(tokenizer, _conversations()[0])
-    kept, kept_mask, cut = fit_to_context(ids, mask, 8, tokenizer.eot_id)
-    assert cut and kept == ids[1:8] and kept_mask == mask[1:8]
-    assert fit_to_context(ids, mask, 64, tokenizer.eot_id)[2] is False
-    assert np.array_equal(fit_to_context(ids, mask, 64, tokenizer.eot_id)[0], ids[1:])
+    im_end = stop_ids(tokenizer)[0]
+    conversation = _conversations()[0] + [{"role": "user", "content": "And a dog?"},
+                                          {"role": "assistant", "content": "woof woof woof woof woof"}]
+    ids, mask = render_conversation(tokenizer, conversation)
+    whole, whole_mask, cut = fit_to_context(ids, mask, len(ids), tokenizer.eot_id, im_end)
+    assert not cut and whole == ids[1:] and whole_mask == mask[1:]
+    # Cut inside the second reply: the tokens kept are the first ones, and only the first,
+    # complete reply is still trained on.
+    first_end = ids.index(im_end, ids.index(im_end) + 1)  # the user turn's end, then the first reply's
+    length = len(ids) - 4
+    kept, kept_mask, cut = fit_to_context(ids, mask, length, tokenizer.eot_id, im_end)
+    assert cut and kept == ids[1:length]
+    assert kept_mask == mask[1:first_end + 1] + [False] * (length - 1 - first_end)
+    # Cut inside the only reply: nothing left to train on.
+    short = fit_to_context(ids, mask, first_end - 1, tokenizer.eot_id, im_end)
+    assert short[2] and not any(short[1])

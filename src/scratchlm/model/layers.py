@@ -161,7 +161,16 @@ class CausalSelfAttention(nn.Module):
         else:
             k, v = kv_cache.store(self.layer_index, k, v)
             mask, is_causal = kv_cache.mask, kv_cache.is_causal
-        y = sdpa_attention(q, k, v, mask, is_causal, self.dropout if self.training else 0.0)
+        dropout = self.dropout if self.training else 0.0
+        if kv_cache is not None and t == 1 and self.n_kv_heads < self.n_heads:
+            # Decoding one token: the query heads that share a key/value head become that
+            # head's queries, so each cached key and value is read once per group, not once
+            # per query head. The new token sees every cached key, so no causal pattern
+            # applies among them; the mask (B, 1, 1, S), if any, covers the whole group.
+            grouped = q.reshape(b, self.n_kv_heads, self.n_heads // self.n_kv_heads, self.head_dim)
+            y = F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask, dropout_p=dropout)
+            return self.out(y.reshape(b, t, c))
+        y = sdpa_attention(q, k, v, mask, is_causal, dropout)
         return self.out(y.transpose(1, 2).reshape(b, t, c))
 
 

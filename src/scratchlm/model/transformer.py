@@ -45,6 +45,7 @@ class KVCache:
         # Kept on the CPU: deciding masks and slice ends from it never waits on the GPU.
         self.lengths = torch.zeros(batch_size, dtype=torch.long)
         self._positions: torch.Tensor | None = None  # (B, T) of the pass in progress
+        self._row_index: torch.Tensor | None = None  # (B, 1) row indices, to address the cache with them
         self._end = 0  # keys 0 .. _end - 1 take part in the pass in progress
         self.mask: torch.Tensor | None = None
         self.is_causal = False
@@ -67,20 +68,21 @@ class KVCache:
             mask = key_positions[None, None, None, :] <= positions[:, None, :, None]
             self.mask = mask.to(self.keys.device)
         self._positions = positions.to(self.keys.device)
+        self._row_index = torch.arange(len(positions), device=self.keys.device)[:, None]
         return self._positions
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this pass's keys/values (B, K, T, D) for `layer`; return all visible ones."""
-        rows = torch.arange(k.shape[0], device=k.device)[:, None]
+        keys, values = self.keys[layer], self.values[layer]
         # Indexing (rows, :, positions) addresses a (B, T, K, D) block, hence the transposes.
-        self.keys[layer][rows, :, self._positions] = k.transpose(1, 2).to(self.keys.dtype)
-        self.values[layer][rows, :, self._positions] = v.transpose(1, 2).to(self.values.dtype)
+        keys[self._row_index, :, self._positions] = k.transpose(1, 2).to(keys.dtype)
+        values[self._row_index, :, self._positions] = v.transpose(1, 2).to(values.dtype)
         end = self._end
-        return self.keys[layer, :, :, :end].type_as(k), self.values[layer, :, :, :end].type_as(v)
+        return keys[:, :, :end].type_as(k), values[:, :, :end].type_as(v)
 
     def advance(self, new_tokens: int) -> None:
         self.lengths += new_tokens
-        self._positions, self.mask = None, None
+        self._positions, self._row_index, self.mask = None, None, None
 
     def reset(self) -> None:
         self.lengths.zero_()
@@ -89,13 +91,29 @@ class KVCache:
         """A new cache holding sequences `rows` of this one, in that order (a row may repeat):
         e.g. one cached prompt continued several ways, each scored without recomputing it."""
         index = torch.tensor(rows, dtype=torch.long)
-        selected = KVCache.__new__(KVCache)
-        selected.keys = self.keys.index_select(1, index.to(self.keys.device))
-        selected.values = self.values.index_select(1, index.to(self.values.device))
-        selected.max_len = self.max_len
-        selected.lengths = self.lengths[index].clone()
-        selected._positions, selected._end, selected.mask, selected.is_causal = None, 0, None, False
-        return selected
+        return self._from_tensors(self.keys.index_select(1, index.to(self.keys.device)),
+                                  self.values.index_select(1, index.to(self.values.device)),
+                                  self.lengths[index].clone())
+
+    def rows(self, start: int, stop: int) -> KVCache:
+        """Sequences start .. stop - 1 as a cache of their own that shares this one's memory:
+        a pass through it writes keys, values and lengths into this cache. A server keeps
+        its running sequences in the first rows of one large cache and runs just those."""
+        return self._from_tensors(self.keys[:, start:stop], self.values[:, start:stop],
+                                  self.lengths[start:stop])
+
+    def _from_tensors(self, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor) -> KVCache:
+        cache = KVCache.__new__(KVCache)
+        cache.keys, cache.values, cache.lengths, cache.max_len = keys, values, lengths, self.max_len
+        cache._positions, cache._row_index, cache._end, cache.mask, cache.is_causal = None, None, 0, None, False
+        return cache
+
+    def copy_row(self, source: int, target: int) -> None:
+        """Make sequence `target` a copy of sequence `source` (its cached positions only)."""
+        n = int(self.lengths[source])
+        self.keys[:, target, :, :n] = self.keys[:, source, :, :n]
+        self.values[:, target, :, :n] = self.values[:, source, :, :n]
+        self.lengths[target] = n
 
 
 class Transformer(nn.Module):

@@ -8,8 +8,10 @@ on: the assistant's reply, never the prompt. The EOT that follows every document
 shard is the next document's beginning-of-sequence token, so a rendered sequence is
 stored without its leading `<|endoftext|>`.
 
-A sequence longer than the model's context is cut to fit (its end is lost) and counted:
-split across rows, its second half would be trained on without the prompt it answers.
+A sequence longer than the model's context is cut to fit and counted: split across rows, its
+second half would be trained on without the prompt it answers. The reply the cut runs through
+is not trained on (only whole replies teach where a turn ends); an item left with no reply to
+train on is dropped and counted (`no_target_left`).
 """
 
 from __future__ import annotations
@@ -28,15 +30,24 @@ from scratchlm.fsutil import atomic_directory, atomic_write_json
 SHARD_TOKENS = 1 << 24
 
 
-def fit_to_context(ids: Sequence[int], mask: Sequence[bool], context_length: int, eot_id: int
-                   ) -> tuple[list[int], list[bool], bool]:
+def fit_to_context(ids: Sequence[int], mask: Sequence[bool], context_length: int, eot_id: int,
+                   end_of_turn: int | None = None) -> tuple[list[int], list[bool], bool]:
     """(ids, mask, whether it was cut) of a rendered sequence that starts with <|endoftext|>,
-    without that token and cut so the sequence and the EOT after it fill at most one row."""
+    without that token and cut so the sequence and the EOT after it fill at most one row.
+
+    A cut reply is not trained on: after the last trained `end_of_turn` token that survives
+    the cut, the mask is cleared. Learning the first half of a reply with no end in sight
+    would teach the model to keep going instead of ending its turn."""
     if not ids or ids[0] != eot_id:
         raise ValueError("a rendered sequence starts with <|endoftext|>")
     ids, mask = list(ids[1:]), list(mask[1:])
     cut = len(ids) > context_length - 1
-    return ids[:context_length - 1], mask[:context_length - 1], cut
+    ids, mask = ids[:context_length - 1], mask[:context_length - 1]
+    if cut and end_of_turn is not None:
+        ends = [i for i, (token, trained) in enumerate(zip(ids, mask)) if trained and token == end_of_turn]
+        keep = ends[-1] + 1 if ends else 0
+        mask = mask[:keep] + [False] * (len(mask) - keep)
+    return ids, mask, cut
 
 
 def write_masked_data(out_dir: str | Path, tokenizer, splits: dict[str, Iterable[tuple[list[int], list[bool]]]],
@@ -90,7 +101,7 @@ def prepare_masked_data(data_dir: Path, tokenizer, context_length: int, splits: 
     run trains on exactly what it started with; other data there is only replaced by a fresh
     run. An item any of whose sequences loses its whole reply to the context cut is left out
     (`no_target_left`); `truncated` counts the sequences cut."""
-    from scratchlm.post.chat import render_conversation
+    from scratchlm.post.chat import render_conversation, stop_ids
 
     try:
         manifest = json.loads((Path(data_dir) / MANIFEST).read_text(encoding="utf-8"))
@@ -102,13 +113,14 @@ def prepare_masked_data(data_dir: Path, tokenizer, context_length: int, splits: 
         raise ScratchLMError(f"cannot resume: the data files or settings changed since the run in {data_dir.parent} "
                              f"started (use --overwrite to start over)")
     stats = {**stats, "truncated": 0, "no_target_left": 0}
+    end_of_turn = stop_ids(tokenizer)[0]
 
     def rendered(items: list[list]):
         for conversations in items:
             sequences = []
             for conversation in conversations:
                 ids, mask = render_conversation(tokenizer, conversation)
-                ids, mask, cut = fit_to_context(ids, mask, context_length, tokenizer.eot_id)
+                ids, mask, cut = fit_to_context(ids, mask, context_length, tokenizer.eot_id, end_of_turn)
                 stats["truncated"] += cut
                 sequences.append((ids, mask))
             if all(any(mask) for _, mask in sequences):

@@ -74,19 +74,30 @@ def prepare_output(out_dir: Path, resume: bool, overwrite: bool) -> Path:
     return out_dir
 
 
+REFERENCE_WIDTH = 768  # d_model of GPT-2 small, for which the methods' default learning rates are set
+
+
+def default_learning_rate(method_lr: float, d_model: int, lora: bool) -> float:
+    """The peak learning rate when none is given: the method's rate for a GPT-2-small-sized
+    model, scaled by REFERENCE_WIDTH / d_model, since the Adam step that suits a hidden matrix
+    shrinks as the model widens (muP's 1/width rule, Yang et al. 2022); x10 with LoRA, whose
+    adapters start from zero and hold few parameters."""
+    return method_lr * REFERENCE_WIDTH / d_model * (10 if lora else 1)
+
+
 def training_config(settings: FinetuneSettings, init_from: Path, data_dir: Path, context_length: int,
                     rows_per_epoch: int, rows_per_item: int, default_lr: float) -> TrainConfig:
     """The training loop's config for a fine-tuning run. A step takes `batch_size` items
     (conversations, or pairs of `rows_per_item` = 2 rows); each row is one item's sequence
-    in a context-length row (document packing, attention within each document)."""
+    in a context-length row (document packing, attention within each document).
+    `default_lr` applies when the settings give none (see `default_learning_rate`)."""
     config = TrainConfig()
     config.model.init_from = str(init_from)
     config.data.dir = str(data_dir)
     config.data.packing, config.data.document_mask = "document", True
-    lora = settings.lora_rank > 0
     # Fine-tuning moves a trained model a little: no weight decay pulling it towards zero,
-    # a short warmup, and (LoRA) a larger rate for freshly initialised adapters.
-    config.optimizer.lr = settings.lr or (default_lr * 10 if lora else default_lr)
+    # and a short warmup.
+    config.optimizer.lr = settings.lr or default_lr
     config.optimizer.weight_decay = 0.0
     config.schedule.warmup_steps = 10
     rows_per_step = settings.batch_size * rows_per_item

@@ -38,12 +38,13 @@ from scratchlm.data.loader import IGNORE
 from scratchlm.data.shards import open_loss_mask, open_shard, read_manifest, split_info
 from scratchlm.errors import ScratchLMError
 from scratchlm.fsutil import atomic_write_bytes
-from scratchlm.post.finetune import (DATA, TRAIN, FinetuneSettings, prepare_output, publish,
-                                     training_config)
+from scratchlm.post.finetune import (DATA, TRAIN, FinetuneSettings, default_learning_rate, prepare_output,
+                                     publish, training_config)
 from scratchlm.train.distributed import all_reduce_sum
 from scratchlm.train.loop import Trainer
 
 REFERENCE_FILE = "reference_logps.{split}.npy"
+DPO_LR = 5e-6  # peak learning rate at GPT-2 small's width (finetune.default_learning_rate)
 
 
 # --------------------------------------------------------------------------- the loss
@@ -131,14 +132,18 @@ class PairLoader:
 
     @property
     def padding_fraction(self) -> float:
+        """Share of padding if every row were context-length (batches are cut to their longest row)."""
         return 1.0 - self.tokens_per_epoch / (len(self.sequences) * self.context_length)
 
     def _rows(self, pairs: np.ndarray) -> tuple[torch.Tensor, ...]:
         """(x, y, reference log-probs) of these pairs: x = [EOT] + sequence, y = sequence + [EOT]
-        with the prompt's targets and the EOT's ignored; rows padded to the context length."""
+        with the prompt's targets and the EOT's ignored; rows padded to the batch's longest
+        sequence (preference pairs are often far shorter than the context: padding them all
+        to it would spend most of each step on padding)."""
         rows = np.stack([pairs * 2, pairs * 2 + 1], axis=1).reshape(-1)
-        x = np.full((len(rows), self.context_length), self.eot_id, dtype=np.int64)
-        y = np.full((len(rows), self.context_length), IGNORE, dtype=np.int64)
+        width = max((len(self.sequences[row][0]) + 1 for row in rows), default=1)
+        x = np.full((len(rows), width), self.eot_id, dtype=np.int64)
+        y = np.full((len(rows), width), IGNORE, dtype=np.int64)
         for i, row in enumerate(rows):
             ids, mask = self.sequences[row]
             x[i, 1:len(ids) + 1] = ids
@@ -192,6 +197,9 @@ class PreferenceTrainer(Trainer):
 
     def _batch(self) -> tuple[torch.Tensor, ...]:
         return self.train_loader.next_batch()
+
+    def _rows_text(self) -> str:
+        return "one sequence per row, chosen and rejected side by side, rows cut to their batch's longest"
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -273,8 +281,8 @@ def dpo(sft_dir: str | Path, data_files: list[str | Path], out_dir: str | Path,
                                  for split, items in (("train", train_set), ("val", val_set))},
                                 "preference", fingerprint, resume, {"pairs": len(pairs), "equal_pairs_skipped": skipped})
     if stats["truncated"]:
-        print(f"dpo: {stats['truncated']} replies of {stats['pairs']} pairs are longer than the context of "
-              f"{context} tokens with their prompt and were cut to fit", file=sys.stderr)
+        print(f"dpo: {stats['truncated']} replies of {stats['pairs']} pairs do not fit the context of {context} "
+              f"tokens with their prompt; {stats['no_target_left']} pairs were left out", file=sys.stderr)
     for split in ("train", "val"):  # the frozen reference: computed once
         path = data_dir / REFERENCE_FILE.format(split=split)
         if not path.is_file():
@@ -283,7 +291,8 @@ def dpo(sft_dir: str | Path, data_files: list[str | Path], out_dir: str | Path,
             atomic_write_bytes(path, buffer)
 
     rows = PairLoader(data_dir, "train", 2, context, with_reference=False).num_pairs * 2
-    config = training_config(settings, Path(sft_dir), data_dir, context, rows, 2, default_lr=5e-6)
+    lr = default_learning_rate(DPO_LR, model.config.d_model, settings.lora_rank > 0)
+    config = training_config(settings, Path(sft_dir), data_dir, context, rows, 2, default_lr=lr)
     config.data.document_mask = False  # one sequence per row: nothing to mask
     run = train(config, out_dir / TRAIN, resume=resume, overwrite=overwrite,
                 trainer=functools.partial(PreferenceTrainer, beta=beta))

@@ -25,10 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from scratchlm.errors import ScratchLMError
-from scratchlm.post.finetune import (BASE, DATA, TRAIN, FinetuneSettings, greedy_replies, prepare_output,
-                                     publish, training_config)
+from scratchlm.post.finetune import (BASE, DATA, TRAIN, FinetuneSettings, default_learning_rate, greedy_replies,
+                                     prepare_output, publish, training_config)
 
-REPLIES_SHOWN = 20  # held-out prompts answered at the end (summary.json)
+REPLIES_SHOWN = 40  # held-out prompts answered at the end (summary.json)
+SFT_LR = 3e-4  # peak learning rate at GPT-2 small's width (finetune.default_learning_rate)
 
 
 def sft(base_dir: str | Path, data_files: list[str | Path], out_dir: str | Path,
@@ -74,16 +75,18 @@ def sft(base_dir: str | Path, data_files: list[str | Path], out_dir: str | Path,
                                 "chat", fingerprint, resume, {"conversations": len(conversations)})
     if stats["truncated"]:
         print(f"sft: {stats['truncated']} of {stats['conversations']} conversations are longer than the "
-              f"context of {context} tokens and were cut to fit ({stats['no_target_left']} of them lost their "
-              f"whole reply and were left out)", file=sys.stderr)
+              f"context of {context} tokens and were cut to fit; a reply the cut runs through is not trained "
+              f"on, so {stats['no_target_left']} conversations with no whole reply left were left out",
+              file=sys.stderr)
 
     rows = TokenLoader(data_dir, "train", 1, context, packing="document").num_windows
-    config = training_config(settings, start_dir, data_dir, context, rows, 1, default_lr=1e-4)
+    lr = default_learning_rate(SFT_LR, model.config.d_model, settings.lora_rank > 0)
+    config = training_config(settings, start_dir, data_dir, context, rows, 1, default_lr=lr)
     run = train(config, out_dir / TRAIN, resume=resume, overwrite=overwrite)
 
     final, _ = load_model(run["final_dir"], device="cpu")
-    prompts = [render_prompt(tokenizer, _prompt_of(c)) for c in val_set[:REPLIES_SHOWN]]
-    replies = greedy_replies(final, tokenizer, prompts, stop_ids(tokenizer)[0])
+    asked = [_prompt_of(c) for c in val_set[:REPLIES_SHOWN]]
+    replies = greedy_replies(final, tokenizer, [render_prompt(tokenizer, m) for m in asked], stop_ids(tokenizer)[0])
     summary = {
         "base_model": str(Path(base_dir).resolve()), "chat_tokens_added": added_tokens,
         "data": [str(Path(p).resolve()) for p in data_files], **stats,
@@ -93,8 +96,8 @@ def sft(base_dir: str | Path, data_files: list[str | Path], out_dir: str | Path,
         "seconds": round(time.monotonic() - started, 1), "lora_rank": settings.lora_rank,
         "trainable_params": run["trainable_params"], "total_params": run["total_params"],
         "replies_ended": sum(ended for _, ended in replies) / max(len(replies), 1),
-        "replies": [{"prompt": tokenizer.decode(p), "reply": tokenizer.decode(ids), "ended": ended}
-                    for p, (ids, ended) in zip(prompts, replies)],
+        "replies": [{"messages": [{"role": m.role, "content": m.content} for m in messages],
+                     "reply": tokenizer.decode(ids), "ended": ended} for messages, (ids, ended) in zip(asked, replies)],
     }
     publish(out_dir, run, summary)
     return summary

@@ -633,9 +633,10 @@ class Trainer:
 
     def _parameter_counts(self) -> dict[str, int]:
         """All parameters and the ones the optimizer updates (fewer with LoRA)."""
-        params = list({id(p): p for p in self.raw_model.parameters()}.values())  # a tied head once
-        return {"total_params": sum(p.numel() for p in params),
-                "trainable_params": sum(p.numel() for p in params if p.requires_grad)}
+        from scratchlm.model.lora import count_trainable
+
+        counts = count_trainable(self.raw_model)
+        return {"total_params": counts.total, "trainable_params": counts.trainable}
 
     def _adapters(self) -> tuple[str, Any] | None:
         """(base model directory, LoraConfig) of a LoRA run, whose checkpoints hold adapters only."""
@@ -687,23 +688,25 @@ class Trainer:
             self.model_config.num_params()
         dtype = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.autocast_dtype]
         mode = (self.config.run.distributed if self.ctx.enabled else "single process")
-        data = self.config.data
-        packing = (f"{data.packing} packing ({self.train_loader.padding_fraction:.1%} padding"
-                   f"{', attention within documents' if data.document_mask else ''})")
+        packing = self._rows_text()
+        lora = ""
         if self.lora is not None:
-            counts = self._parameter_counts()
-            n_params = counts["trainable_params"]
-            lora = (f" (LoRA rank {self.lora.rank} on {','.join(self.lora.targets)}: "
-                    f"{counts['trainable_params'] / counts['total_params']:.2%} of {counts['total_params'] / 1e6:.2f}M, "
-                    f"the rest frozen)")
-        else:
-            lora = ""
+            from scratchlm.model.lora import count_trainable
+
+            lora = f" with LoRA rank {self.lora.rank} on {','.join(self.lora.targets)}: " + \
+                count_trainable(self.raw_model).describe()
         return (f"training {n_params / 1e6:.2f}M parameters{lora} on {self.device} ({dtype}, {mode}, "
                 f"{self.ctx.world_size} process(es), {torch.get_num_threads()} CPU threads); "
                 f"{self.tokens_per_step:,} tokens/step = {self.grad_accum} micro-batch(es) of "
                 f"{self.config.run.micro_batch_size}x{self.context_length} per process; {packing}; "
                 f"{_budget_text(self._budget())}; "
                 f"MFU {'n/a (no GPU peak known)' if self.peak_flops is None else 'reported'}")
+
+    def _rows_text(self) -> str:
+        """How the batch rows are filled, for the banner."""
+        data = self.config.data
+        return (f"{data.packing} packing ({self.train_loader.padding_fraction:.1%} padding"
+                f"{', attention within documents' if data.document_mask else ''})")
 
     def _progress_bar(self):
         from tqdm import tqdm
