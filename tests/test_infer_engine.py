@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from scratchlm.errors import ScratchLMError
-from scratchlm.infer.engine import Completion, Engine, SamplingParams
+from scratchlm.infer.engine import Completion, Delta, Engine, SamplingParams
 from scratchlm.infer.sampling import (
     apply_presence_frequency, apply_repetition_penalty, draw, min_p_filter, top_k_filter, top_p_filter,
 )
@@ -147,6 +147,29 @@ def test_requests_queue_for_rows_and_leave_nothing_behind(model, tokenizer):
             max_tokens=5 + i, temperature=0)).token_ids
 
 
+def test_a_step_prefills_a_bounded_number_of_prompt_tokens(model, tokenizer):
+    engine = Engine(model, tokenizer, prefill_tokens_per_step=9)
+    for length in (4, 4, 4, 12, 3):
+        engine.submit(list(range(1, length + 1)), SamplingParams(max_tokens=20, temperature=0))
+    running = []
+    for _ in range(4):
+        engine.step()
+        running.append(engine.running)
+    assert running == [2, 3, 4, 5]  # 4 + 4; 4 (12 more would exceed 9); 12 alone; 3
+
+
+def test_kv_cache_rows_are_views_and_rows_can_move(model):
+    cache = model.new_kv_cache(3, 16)
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3]]), kv_cache=cache.rows(1, 2))
+    assert cache.lengths.tolist() == [0, 3, 0]
+    assert cache.keys[:, 1, :, :3].abs().sum() > 0 and cache.keys[:, 0].abs().sum() == 0
+    cache.copy_row(1, 2)
+    assert cache.lengths.tolist() == [0, 3, 3]
+    assert torch.equal(cache.keys[:, 2, :, :3], cache.keys[:, 1, :, :3])
+    assert torch.equal(cache.values[:, 2, :, :3], cache.values[:, 1, :, :3])
+
+
 def test_seeds_make_sampling_reproducible(model, tokenizer):
     engine = Engine(model, tokenizer)
     def sample(seed):
@@ -187,11 +210,11 @@ def test_params_are_checked_by_field():
                          ("top_k", 0), ("top_p", 0.0), ("top_p", 1.5), ("min_p", 1.5),
                          ("repetition_penalty", 0.0), ("presence_penalty", 2.5),
                          ("frequency_penalty", -3.0), ("stop", ("",)), ("stop_token_ids", (-1,)),
-                         ("seed", -1), ("max_tokens", True)):
+                         ("seed", -1), ("max_tokens", True), ("stop", 5), ("stop_token_ids", "7")):
         with pytest.raises(ScratchLMError, match=field):
             SamplingParams(**{field: value}).check()
     SamplingParams(top_k=1, top_p=1.0, min_p=0.0, presence_penalty=-2.0, seed=0).check(context_length=256)
-    assert SamplingParams(stop="\n").stop == ("\n",)
+    assert SamplingParams(stop="\n").stop == ("\n",) and SamplingParams(stop=None).stop == ()
     assert SamplingParams(stop=["a", "b"], stop_token_ids=[3]) == SamplingParams(stop=("a", "b"), stop_token_ids=(3,))
 
 
@@ -285,7 +308,7 @@ def test_cancel_frees_the_row_at_the_next_step(model, tokenizer):
     engine.step()
     assert (engine.running, engine.waiting) == (1, 0)
     deltas = list(running)
-    assert deltas[-1] == type(deltas[-1])("", [], "cancelled")
+    assert deltas[-1] == Delta("", [], "cancelled")
     assert running.finish_reason == "cancelled" and queued[1].finish_reason == "cancelled"
     while engine.step():
         pass

@@ -376,13 +376,14 @@ class Engine:
 
     def _admit(self) -> None:
         """Move waiting requests into free rows, prefilling each and sending its first token
-        at once. A step admits prompts until it has prefilled `prefill_tokens_per_step` tokens
-        (at least one prompt), so a crowd of arrivals holds up the running requests' next
-        token by a bounded time, not by all of their prompts at once."""
-        budget = self.prefill_tokens_per_step
-        while len(self._rows) < self.max_batch and budget > 0:
+        at once. A step prefills at most `prefill_tokens_per_step` prompt tokens (and always
+        one prompt), so a crowd of arrivals holds up the running requests' next token by a
+        bounded time, not by all of their prompts at once."""
+        prefilled = 0
+        while len(self._rows) < self.max_batch:
             with self._lock:
-                if not self._waiting:
+                if not self._waiting or (
+                        prefilled and prefilled + len(self._waiting[0].prompt) > self.prefill_tokens_per_step):
                     return
                 request = self._waiting.popleft()
             row = len(self._rows)
@@ -390,7 +391,7 @@ class Engine:
             self._rows.append(request)
             self._sampler = None
             self._sample(row, logits)
-            budget -= len(request.prompt)
+            prefilled += len(request.prompt)
 
     def _prefill(self, request: _Request, row: int) -> torch.Tensor:
         """Cache the prompt in `row`; return the logits (1, vocab) of its last position.

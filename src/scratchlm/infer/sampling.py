@@ -53,10 +53,9 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        # JSON front ends produce lists, and OpenAI allows a single stop string.
-        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
-        object.__setattr__(self, "stop", tuple(stop))
-        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        # JSON front ends produce lists (or null), and OpenAI allows a single stop string.
+        for name in ("stop", "stop_token_ids"):
+            object.__setattr__(self, name, _as_tuple(getattr(self, name)))
 
     def check(self, context_length: int | None = None) -> None:
         """Raise a one-line ScratchLMError naming the first bad field. No field depends on
@@ -79,6 +78,9 @@ class SamplingParams:
             value = getattr(self, name)
             if not _is_number(value) or not -PENALTY_RANGE <= value <= PENALTY_RANGE:
                 raise ScratchLMError(f"{name} must be between -2 and 2, got {value!r}")
+        for name in ("stop", "stop_token_ids"):
+            if not isinstance(getattr(self, name), tuple):
+                raise ScratchLMError(f"{name} must be a list, got {getattr(self, name)!r}")
         for text in self.stop:
             if not isinstance(text, str) or not text:
                 raise ScratchLMError(f"stop must hold non-empty strings, got {text!r}")
@@ -91,6 +93,19 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def _as_tuple(value: object) -> object:
+    """None -> (), a string -> (string,), any other iterable -> tuple; anything else is kept
+    for `check` to name."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    try:
+        return tuple(value)
+    except TypeError:
+        return value
 
 
 def _is_int(value: object) -> bool:
