@@ -565,7 +565,8 @@ def _add_finetune_options(p: argparse.ArgumentParser, item: str) -> None:
     p.add_argument("--lr", type=float, default=None,
                    help="peak learning rate (default: sft 3e-4, dpo 5e-6, each times 768 / d_model; x10 with LoRA)")
     p.add_argument("--batch-size", type=int, default=16, help=f"{item}s per optimizer step")
-    p.add_argument("--micro-batch-size", type=int, default=8, help=f"{item}s per forward pass")
+    p.add_argument("--micro-batch-size", type=int, default=None,
+                   help=f"{item}s per forward pass (default: 8, or the largest power of two dividing --batch-size)")
     p.add_argument("--val-fraction", type=float, default=0.05, help=f"held-out share of the {item}s")
     p.add_argument("--eval-every", type=int, default=50, help="steps between held-out evaluations (0: at the end)")
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (0: at the end)")

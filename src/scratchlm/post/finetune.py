@@ -39,7 +39,7 @@ class FinetuneSettings:
     steps: int | None = None  # optimizer steps
     lr: float | None = None  # peak learning rate; None: the method's default
     batch_size: int = 16  # sequences (DPO: pairs) per optimizer step
-    micro_batch_size: int = 8  # sequences (DPO: pairs) per forward pass
+    micro_batch_size: int | None = None  # sequences (DPO: pairs) per forward pass; None: gcd(batch_size, 8)
     val_fraction: float = 0.05  # held-out share of the data
     seed: int = 1337
     lora_rank: int = 0  # 0: every weight trains
@@ -57,6 +57,8 @@ class FinetuneSettings:
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise ScratchLMError(f"--{name}: must be a positive number, got {value}")
+        if self.micro_batch_size is None and self.batch_size >= 1:
+            self.micro_batch_size = math.gcd(self.batch_size, 8)  # 8, or the largest power of two dividing the batch
         if self.batch_size < 1 or self.micro_batch_size < 1 or self.batch_size % self.micro_batch_size:
             raise ScratchLMError(f"--batch-size {self.batch_size} must be a positive multiple of "
                                  f"--micro-batch-size {self.micro_batch_size}")
