@@ -71,15 +71,16 @@ def main() -> None:
         t = args.threads
         scratchlm("run", "--corpus", *map(str, CORPUS), "--minutes", str(args.base_minutes), "--context-length", "512",
                   "--micro-batch-size", "8", "--global-batch-tokens", "8192", "--vocab-size", "4096",
-                  "-o", str(work / "base"), "--overwrite", "--no-progress", threads=t)
-        base = work / "base" / "train" / "final"
+                  "--stages", "tokenizer,data,pretrain", "-o", str(work / "base"), "--overwrite", "--no-progress",
+                  threads=t)
+        base = work / "base" / "pretrain" / "final"
         scratchlm("sft", str(base), "--data", str(SFT_DATA), "-o", str(work / "sft"), "--minutes",
                   str(args.sft_minutes), "--overwrite", "--no-progress", threads=t)
         scratchlm("dpo", str(work / "sft"), "--data", str(DPO_DATA), "-o", str(work / "dpo"), "--minutes",
                   str(args.dpo_minutes), "--overwrite", "--no-progress", threads=t)
         sft = json.loads((work / "sft" / "summary.json").read_text())
         dpo = json.loads((work / "dpo" / "summary.json").read_text())
-        base_run = json.loads((work / "base" / "train" / "summary.json").read_text())
+        base_run = json.loads((work / "base" / "pretrain" / "summary.json").read_text())
         shown = [r["messages"] for r in sft["replies"][:3]]
         answers = {name: replies(path, shown) for name, path in
                    (("base", base), ("sft", work / "sft"), ("dpo", work / "dpo"))}

@@ -168,8 +168,9 @@ def train_default_model(root: Path) -> Path:
     out = root / "stories"
     subprocess.run([sys.executable, "-m", "scratchlm", "run", "--corpus",
                     str(SHARED / "corpora" / "tinystories_valid_head.txt"), "--preset", "small", "--vocab-size",
-                    "4096", "--minutes", "5", "-o", str(out), "--no-progress"], check=True)
-    return out / "train" / "final"
+                    "4096", "--minutes", "5", "--stages", "tokenizer,data,pretrain", "-o", str(out), "--no-progress"],
+                   check=True)
+    return out / "pretrain" / "final"
 
 
 def print_table(reports: list[dict], prompts: int) -> None:

@@ -40,3 +40,21 @@ def shared_file(relative: str) -> Path:
     if not path.is_file():
         pytest.skip(f"shared data file missing: {path}")
     return path
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """A headless Chromium driven by selenium (see tests/chromium.py), one per test module."""
+    from selenium import webdriver
+
+    from tests.chromium import CHROMEDRIVER, CHROMIUM
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                     "--window-size=1100,750"):
+        options.add_argument(argument)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(CHROMEDRIVER))
+    yield driver
+    driver.quit()

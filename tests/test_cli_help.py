@@ -41,7 +41,7 @@ def test_help_lists_presets_defaults_and_value_types(capsys):
         main(["run", "--help"])
     text = capsys.readouterr().out
     assert all(name in text for name in PRESETS)
-    assert "(default: 6.0)" in text and "(default: 2048)" in text  # --minutes, --vocab-size
+    assert "(default: 5.0)" in text and "(default: 2048)" in text  # --minutes, --vocab-size
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     text = capsys.readouterr().out

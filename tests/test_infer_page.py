@@ -10,28 +10,21 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
+from tests.chromium import require_chromium, screenshot
 from tests.conftest import REPO_ROOT
 from tests.tiny_chat import save_tiny_model
 
-# Debian's chromium + chromium-driver (matching versions), or whichever Chromium is on PATH.
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
 KEY = "test-key-123"
 
 pytest.importorskip("fastapi", reason="the server needs scratchlm[serve] (fastapi, uvicorn)")
 pytest.importorskip("uvicorn", reason="the server needs scratchlm[serve] (fastapi, uvicorn)")
-webdriver = pytest.importorskip("selenium.webdriver", reason="the page test needs selenium")
-if not (CHROMIUM and CHROMEDRIVER):
-    pytest.skip("the page test needs Chromium and its driver on PATH (chromium, chromedriver: apt-get install "
-                "chromium chromium-driver)", allow_module_level=True)
+require_chromium()
 
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
@@ -60,28 +53,6 @@ def server(tmp_path_factory):
     finally:
         proc.terminate()
         proc.wait(timeout=60)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                     "--window-size=1100,750"):
-        options.add_argument(argument)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(CHROMEDRIVER))
-    yield driver
-    driver.quit()
-
-
-def _screenshot(driver, tmp_path: Path) -> None:
-    path = tmp_path / "chat-page.png"
-    assert driver.save_screenshot(str(path))
-    artifacts = os.environ.get("SCRATCHLM_ARTIFACTS")
-    if artifacts:
-        Path(artifacts).mkdir(parents=True, exist_ok=True)
-        shutil.copy(path, Path(artifacts) / path.name)
 
 
 def _wait_for_reply(browser, wait, count: int):
@@ -129,7 +100,7 @@ def test_the_page_streams_replies(server, browser, tmp_path):
     second = _wait_for_reply(browser, wait, 2)
     assert "the oldest exchange was dropped to fit the model's context" in second.text
     assert len(browser.find_elements(By.CSS_SELECTOR, ".message.dropped")) == 2 and not error.is_displayed()
-    _screenshot(browser, tmp_path)
+    screenshot(browser, tmp_path / "chat-page.png")
 
     # Nothing went wrong in the page's own code (the refused requests aside).
     problems = [entry["message"] for entry in browser.get_log("browser")

@@ -104,6 +104,19 @@ def test_rmsnorm_matches_torch():
     torch.testing.assert_close(ours(x), theirs(x), atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 384), (32, 1, 384), (4, 37, 768), (2, 6, 17, 64)])
+def test_rmsnorm_one_call_path_is_the_formula_bit_for_bit(shape):
+    """fp32 on CPU takes F.rms_norm (one operator call, for decoding speed); training numerics
+    must not move, so it has to equal the written-out formula exactly, not just closely."""
+    torch.manual_seed(0)
+    norm = RMSNorm(shape[-1], eps=1e-5)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(shape) * 3
+    written_out = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + 1e-5) * norm.weight
+    assert torch.equal(norm(x), written_out)
+
+
 def test_rope_matches_complex_rotation():
     """Independent implementation: the pair (x_i, x_{i+D/2}) is the complex number
     x_i + j x_{i+D/2}, rotated by multiplying with exp(j * position * theta^(-2i/D))."""
@@ -211,7 +224,7 @@ def test_meta_device_construction_then_materialise():
 
 
 # --------------------------------------------------------------------------- KV cache
-@pytest.mark.parametrize("style", [{}, GPT2_STYLE])
+@pytest.mark.parametrize("style", [{}, GPT2_STYLE, dict(qk_norm=True)])
 @pytest.mark.parametrize("n_kv_heads", [1, 2, 4])
 def test_cached_decoding_matches_full_forward(style, n_kv_heads):
     torch.manual_seed(0)

@@ -191,3 +191,22 @@ def test_fit_to_context_cuts_the_end_and_counts(base_dir):
     # Cut inside the only reply: nothing left to train on.
     short = fit_to_context(ids, mask, first_end - 1, tokenizer.eot_id, im_end)
     assert short[2] and not any(short[1])
+
+
+@pytest.mark.parametrize("max_new_tokens", [5, 40])
+def test_batched_greedy_replies_equal_generating_each_alone(max_new_tokens):
+    from scratchlm.post.finetune import greedy_replies
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_preset("tiny", vocab_size=300, context_length=48)).eval()
+    prompts = [[1, 2, 3], list(range(10, 40)), [7] * 45, list(range(60))]  # ragged; one fills the context
+    # The stop id: the third token of one free-running reply, so that row ends its turn early.
+    stop = list(model.generate(torch.tensor([prompts[1]]), 3, temperature=0.0))[2]
+    reference = []
+    for prompt in prompts:
+        budget = max(1, min(max_new_tokens, 48 - len(prompt[-48:])))
+        ids = list(model.generate(torch.tensor([prompt[-48:]]), budget, temperature=0.0, stop_token=stop))
+        reference.append((ids, len(ids) < budget))
+    assert greedy_replies(model, None, prompts, stop, max_new_tokens) == reference
+    assert reference[1] == (reference[1][0][:2], True)  # the row that met the stop id ended its turn
+    assert greedy_replies(model, None, [], stop) == []

@@ -409,7 +409,7 @@ def _plan(args: argparse.Namespace) -> None:
 
 def _add_generate_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="continue a prompt with a trained model (streams text)")
-    p.add_argument("model_dir", metavar="MODEL_DIR", help="a model directory (e.g. runs/stdlib/train/final)")
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="a model directory (e.g. runs/stdlib/pretrain/final)")
     p.add_argument("--prompt", required=True, help="text to continue ('' starts a new document)")
     p.add_argument("--max-tokens", type=int, default=256, help="tokens to generate at most")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy")
@@ -601,6 +601,8 @@ def _add_post_commands(sub: argparse._SubParsersAction) -> None:
                                    "model (with --lora-rank, an adapter directory) with summary.json.")
     p.add_argument("base_dir", metavar="BASE_DIR", help="the model directory to start from")
     _add_finetune_options(p, "conversation")
+    p.add_argument("--val-data", nargs="+", default=[], metavar="FILE",
+                   help="held-out conversations (default: a --val-fraction slice of --data)")
     p.set_defaults(func=_sft)
 
     p = sub.add_parser("dpo", help="Direct Preference Optimization on chosen/rejected pairs",
@@ -624,8 +626,8 @@ def _add_post_commands(sub: argparse._SubParsersAction) -> None:
 def _sft(args: argparse.Namespace) -> None:
     from scratchlm.post import sft
 
-    summary = sft(args.base_dir, args.data, args.out, _finetune_settings(args), resume=args.resume,
-                  overwrite=args.overwrite)
+    summary = sft(args.base_dir, args.data, args.out, _finetune_settings(args), val_files=args.val_data,
+                  resume=args.resume, overwrite=args.overwrite)
     print(f"held-out loss on replies: {summary['base_val_loss']:.4f} before, {summary['val_loss']:.4f} after; "
           f"{summary['replies_ended']:.0%} of held-out replies ended their turn; model in {args.out}")
 
@@ -717,13 +719,15 @@ def _import_hf(args: argparse.Namespace) -> None:
 def _add_run_command(sub: argparse._SubParsersAction) -> None:
     from scratchlm.data.hub import CORPORA
     from scratchlm.model import PRESETS
-    from scratchlm.pipeline import RunSettings
+    from scratchlm.pipeline import STAGES, RunSettings
 
     d = RunSettings()
-    p = sub.add_parser("run", help="the main job: raw text to a trained, evaluated model with a report card",
-                       description="Train a tokenizer, prepare data, pretrain, evaluate against gzip/xz, "
-                                   "sample and write a report. Re-running skips finished stages and "
-                                   "resumes an interrupted one; a larger --minutes continues training.")
+    p = sub.add_parser("run", help="the main job: raw text to an instruction-tuned, evaluated, exported model",
+                       description="Train a tokenizer, prepare data, pretrain, instruction-tune (SFT, and DPO "
+                                   "with --dpo-data), evaluate, export (Hugging Face and GGUF) and write a "
+                                   "report card (md, json, html). Re-running skips finished stages and resumes "
+                                   "an interrupted one; a larger --minutes continues pretraining. "
+                                   f"Stages: {', '.join(STAGES)}.")
     p.add_argument("--corpus", nargs="+", default=list(d.corpus), metavar="SRC",
                    help=f"training text: 'stdlib' (the Python standard library, offline), a corpus to "
                         f"download ({', '.join(CORPORA)}), or files/directories/globs")
@@ -733,6 +737,16 @@ def _add_run_command(sub: argparse._SubParsersAction) -> None:
                    help="hold out the last part of the text (for one long document, e.g. Tiny Shakespeare)")
     p.add_argument("--preset", default=d.preset, choices=list(PRESETS), help="model preset")
     p.add_argument("--minutes", type=float, default=d.minutes, help="pretraining budget in minutes")
+    p.add_argument("--sft-minutes", type=float, default=d.sft_minutes, help="SFT budget in minutes")
+    p.add_argument("--sft-data", nargs="+", default=[], metavar="FILE",
+                   help="conversations to instruction-tune on (Alpaca, OpenAI messages, ShareGPT; default: "
+                        "pairs derived from the corpus's documented functions)")
+    p.add_argument("--dpo-data", nargs="+", default=[], metavar="FILE",
+                   help="preference pairs: adds a DPO stage after SFT")
+    p.add_argument("--dpo-minutes", type=float, default=d.dpo_minutes, help="DPO budget in minutes")
+    p.add_argument("--stages", default="", metavar="S1,S2",
+                   help="run only these stages (comma-separated), e.g. eval,export,report")
+    p.add_argument("--skip", default="", metavar="S1,S2", help="run the chain without these stages, e.g. sft")
     p.add_argument("-o", "--out", default="", metavar="DIR", help="run directory (default: runs/<corpus name>)")
     p.add_argument("--overwrite", action="store_true",
                    help="start over: replace an earlier run's outputs in DIR, or run in a directory "
@@ -759,12 +773,18 @@ def _run(args: argparse.Namespace) -> None:
 
     run_pipeline(RunSettings(
         corpus=tuple(args.corpus), val_corpus=tuple(args.val_corpus), preset=args.preset,
-        minutes=args.minutes, out_dir=args.out, vocab_size=args.vocab_size,
+        minutes=args.minutes, sft_minutes=args.sft_minutes, sft_data=tuple(args.sft_data),
+        dpo_data=tuple(args.dpo_data), dpo_minutes=args.dpo_minutes, stages=_stage_list(args.stages),
+        skip=_stage_list(args.skip), out_dir=args.out, vocab_size=args.vocab_size,
         context_length=args.context_length, split_by_position=args.split_by_position,
         micro_batch_size=args.micro_batch_size, global_batch_tokens=args.global_batch_tokens,
         lr=args.lr, seed=args.seed, device=args.device, compile=args.compile, progress=not args.no_progress,
         suite_data=args.suite_data, suite_limit=args.suite_limit,
     ), overwrite=args.overwrite)
+
+
+def _stage_list(text: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in text.split(",") if name.strip())
 
 
 # --------------------------------------------------------------------------- dispatch

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from scratchlm.data.config import PrepareConfig
 from scratchlm.data.dedup import choose_bands, first_of_each_cluster, verified_pairs
 from scratchlm.data.filters import PROFILES
-from scratchlm.data.shards import FORMAT_VERSION, MANIFEST, ShardWriter, index_name, shard_dtype
+from scratchlm.data.shards import FORMAT_VERSION, MANIFEST, ShardWriter, index_name, mask_name, shard_dtype
 from scratchlm.data.split import cut_at_line, position_cut, split_by_fraction
 from scratchlm.data.tasks import ALWAYS_ON, DOC_RECORD, DROP_REASONS, TASKS_DIR, band_file, read_task, task_name
 from scratchlm.errors import ScratchLMError
@@ -303,7 +303,8 @@ def _previous_outputs(out_dir: Path) -> list[str]:
         shards = [s["file"] for split in manifest["splits"].values() for s in split["shards"]]
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return []
-    return [MANIFEST, *shards, *(index_name(name) for name in shards)]
+    masks = [mask_name(name) for name in shards] if manifest.get("loss_mask") else []
+    return [MANIFEST, *shards, *(index_name(name) for name in shards), *masks]
 
 
 def _manifest(first: dict, config: PrepareConfig, dtype: np.dtype, stats: list[SourceStats], sources: list[dict],

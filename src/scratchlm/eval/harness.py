@@ -1,10 +1,10 @@
 """lm-evaluation-harness adapter: a scratchlm model directory as the harness's `--model scratchlm`.
 
-    python -m scratchlm.eval.harness --model scratchlm --model_args path=runs/x/train/final \\
+    python -m scratchlm.eval.harness --model scratchlm --model_args path=runs/x/pretrain/final \\
         --tasks hellaswag --batch_size 32 --device cpu
 
     import lm_eval, scratchlm.eval.harness  # registers "scratchlm"
-    lm_eval.simple_evaluate(model="scratchlm", model_args={"path": "runs/x/train/final"}, tasks=[...])
+    lm_eval.simple_evaluate(model="scratchlm", model_args={"path": "runs/x/pretrain/final"}, tasks=[...])
 
 Any of the harness's tasks then runs on our model, with our scorer, without exporting it.
 lm-eval 0.4.13 finds models only in its own registry (its CLI reads no entry points), so

@@ -1,6 +1,6 @@
 """`scratchlm eval`: a model directory scored on the standard benchmarks.
 
-    evaluate("runs/x/train/final", ["core", "lambada_openai"], data_dir="eval_data", limit=500)
+    evaluate("runs/x/pretrain/final", ["core", "lambada_openai"], data_dir="eval_data", limit=500)
 
 Tasks: the log-likelihood tasks of scratchlm.eval.tasks, `humaneval` (generated code run in
 a sandbox), `bpb` (bits per byte on a prepared data directory's validation split) and `core`,

@@ -159,14 +159,16 @@ def _add_tokenizer(writer, gguf, tokenizer: Tokenizer) -> None:
     writer.add_token_types([gguf.TokenType.CONTROL if i in specials else gguf.TokenType.NORMAL
                             for i in range(tokenizer.vocab_size)])
     writer.add_token_merges([f"{left} {right}" for left, right in byte_level_merges(tokenizer)])
+    chat = chat_format(tokenizer) == CHATML
     if tokenizer.eot_id is not None:
         writer.add_bos_token_id(tokenizer.eot_id)
-        writer.add_eos_token_id(tokenizer.eot_id)
+        if not chat:
+            writer.add_eos_token_id(tokenizer.eot_id)
     # A prompt starts after <|endoftext|>, as every training document does and as `scratchlm
     # generate` starts it: llama.cpp adds the "bos" token, which is that token, in front.
     writer.add_add_bos_token(tokenizer.eot_id is not None)
     writer.add_add_eos_token(False)
-    if chat_format(tokenizer) == CHATML:
+    if chat:
         # A chat model ends its turn with <|im_end|>: llama.cpp stops there, and finds the
         # ChatML format from the template (its built-in chatml renders the same ids after bos).
         end_of_turn = tokenizer.special_tokens[IM_END]

@@ -1,6 +1,6 @@
 """The batched streaming inference engine: concurrent requests share every forward pass.
 
-    engine = Engine.from_directory("runs/stdlib/train/final")
+    engine = Engine.from_directory("runs/stdlib/pretrain/final")
     engine.start()                                   # or drive it with engine.step()
     stream = engine.submit(prompt_ids, SamplingParams(temperature=0.8, stop=("\\n\\n",)))
     for delta in stream:                             # or `async for` in an asyncio server

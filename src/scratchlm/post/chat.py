@@ -251,6 +251,16 @@ def _render_plain_prompt(tokenizer: Tokenizer, messages: list[Message]) -> list[
 
 
 # --------------------------------------------------------------------------- preparing a base model
+def with_chat_tokens(tokenizer: Tokenizer) -> Tokenizer:
+    """`tokenizer` with the ChatML tokens it lacks (new ids at the end) and the template
+    recorded: the tokenizer `add_chat_tokens` gives the model."""
+    if chat_format(tokenizer) == CHATML:
+        return tokenizer
+    missing = [token for token in _CHAT_TOKENS if token not in tokenizer.special_tokens]
+    return Tokenizer(tokenizer.vocab, tokenizer.merges, [*tokenizer.special_tokens, *missing],
+                     pattern=tokenizer.pattern, chat_template=CHATML)
+
+
 def add_chat_tokens(model: Transformer, tokenizer: Tokenizer) -> tuple[Transformer, Tokenizer]:
     """A tokenizer with the ChatML tokens (new ids at the end of the vocabulary) and the
     template recorded, and a new model whose embedding (and untied LM head) has a row for
@@ -272,9 +282,7 @@ def add_chat_tokens(model: Transformer, tokenizer: Tokenizer) -> tuple[Transform
     if model.config.vocab_size != tokenizer.vocab_size:
         raise ScratchLMError(f"the model's vocab_size is {model.config.vocab_size} but the tokenizer has "
                              f"{tokenizer.vocab_size} tokens")
-    missing = [token for token in _CHAT_TOKENS if token not in tokenizer.special_tokens]
-    chat_tokenizer = Tokenizer(tokenizer.vocab, tokenizer.merges, [*tokenizer.special_tokens, *missing],
-                               pattern=tokenizer.pattern, chat_template=CHATML)
+    chat_tokenizer = with_chat_tokens(tokenizer)
     # New ids go at the end. A tokenizer that had the tokens but not the template (trained
     # with --special-token <|im_start|> ...) keeps its ids: only the template is recorded.
     new_rows = chat_tokenizer.vocab_size - tokenizer.vocab_size

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from scratchlm.errors import ScratchLMError
-from scratchlm.fsutil import atomic_directory, atomic_write_json, check_output_directory
+from scratchlm.fsutil import atomic_directory, atomic_write_json, check_output_directory, remove_outputs
 from scratchlm.train.config import TrainConfig
 
 BASE, DATA, TRAIN, SUMMARY, LOSS_PLOT = "base", "data", "train", "summary.json", "loss.png"
@@ -122,6 +122,24 @@ def training_config(settings: FinetuneSettings, init_from: Path, data_dir: Path,
     return config
 
 
+def remove_finetune_run(out_dir: Path) -> None:
+    """Remove what an SFT or DPO run wrote into `out_dir` (the layout above), and nothing else."""
+    from scratchlm.data.finalize import remove_data_directory
+    from scratchlm.model.directory import model_files
+    from scratchlm.post.preference import REFERENCE_FILE
+    from scratchlm.train.loop import remove_training_run
+
+    if not out_dir.is_dir():
+        return
+    remove_outputs(out_dir / BASE, model_files())
+    remove_outputs(out_dir / DATA, [REFERENCE_FILE.format(split=split) for split in ("train", "val")])
+    remove_data_directory(out_dir / DATA)
+    if (out_dir / TRAIN).is_dir():
+        remove_training_run(out_dir / TRAIN)
+        remove_outputs(out_dir / TRAIN, ())
+    remove_outputs(out_dir, [*model_files(), SUMMARY, LOSS_PLOT])
+
+
 def publish(out_dir: Path, run_summary: dict[str, Any], summary: dict[str, Any]) -> None:
     """Make OUT_DIR the trained model (or adapter) directory: the run's final/ files copied
     beside the run, then summary.json and the loss plot."""
@@ -139,13 +157,44 @@ def publish(out_dir: Path, run_summary: dict[str, Any], summary: dict[str, Any])
 @torch.no_grad()
 def greedy_replies(model, tokenizer, prompts: list[list[int]], stop_id: int, max_new_tokens: int = 256
                    ) -> list[tuple[list[int], bool]]:
-    """(reply ids, whether the model ended its turn) for each rendered prompt, greedily."""
-    replies = []
-    device = next(model.parameters()).device
-    for prompt in prompts:
-        window = model.config.context_length
-        budget = max(1, min(max_new_tokens, window - len(prompt)))
-        idx = torch.tensor([prompt[-window:]], device=device)
-        ids = list(model.generate(idx, budget, temperature=0.0, stop_token=stop_id))
-        replies.append((ids, len(ids) < budget))
-    return replies
+    """(reply ids, whether the model ended its turn) for each rendered prompt, greedily.
+
+    All prompts decode together, one forward pass per new token for the whole batch (a row
+    leaves the batch when it ends), rather than one pass per token per prompt: tens of
+    prompts cost about what one does. Each row attends only to its own keys, so a reply is
+    the one `model.generate` gives alone, up to float rounding in a near-tie. A reply runs
+    to `max_new_tokens` or the end of the context, whichever comes first."""
+    if not prompts:
+        return []
+    window = model.config.context_length
+    prompts = [prompt[-window:] for prompt in prompts]
+    budgets = [max(1, min(max_new_tokens, window - len(prompt))) for prompt in prompts]
+    replies: list[list[int]] = [[] for _ in prompts]
+    ended = [False] * len(prompts)
+    was_training = model.training
+    model.eval()
+    try:
+        cache = model.new_kv_cache(len(prompts), window)
+        device = cache.keys.device
+        last = [model(torch.tensor([prompt], device=device), kv_cache=cache.rows(i, i + 1))[0, -1]
+                for i, prompt in enumerate(prompts)]  # prompts differ in length: each prefills its own row
+        next_ids = torch.stack(last).argmax(-1)
+        active = list(range(len(prompts)))  # prompt index of each row still in the cache
+        while active:
+            staying = []
+            for row, (i, token) in enumerate(zip(active, next_ids.tolist())):
+                if token == stop_id:
+                    ended[i] = True
+                    continue
+                replies[i].append(token)
+                if len(replies[i]) < budgets[i]:
+                    staying.append(row)
+            if not staying:
+                break
+            if len(staying) < len(active):
+                cache, next_ids = cache.select(staying), next_ids[staying]
+                active = [active[row] for row in staying]
+            next_ids = model(next_ids[:, None], kv_cache=cache)[:, -1].argmax(-1)
+    finally:
+        model.train(was_training)
+    return list(zip(replies, ended))

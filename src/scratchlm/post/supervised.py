@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +34,12 @@ SFT_LR = 3e-4  # peak learning rate at GPT-2 small's width (finetune.default_lea
 
 
 def sft(base_dir: str | Path, data_files: list[str | Path], out_dir: str | Path,
-        settings: FinetuneSettings | None = None, *, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+        settings: FinetuneSettings | None = None, *, val_files: Sequence[str | Path] = (), resume: bool = False,
+        overwrite: bool = False) -> dict[str, Any]:
     """Fine-tune the model in `base_dir` on the conversations of `data_files`; see the module
-    docstring. Returns the summary (also OUT_DIR/summary.json)."""
+    docstring. The held-out conversations are those of `val_files` when given (then every
+    conversation of `data_files` trains), else a deterministic slice of `data_files`.
+    Returns the summary (also OUT_DIR/summary.json)."""
     from scratchlm.data import TokenLoader
     from scratchlm.model.directory import load_model, save_model
     from scratchlm.post.chat import add_chat_tokens, chat_format, render_prompt, stop_ids
@@ -49,10 +53,16 @@ def sft(base_dir: str | Path, data_files: list[str | Path], out_dir: str | Path,
         raise ScratchLMError("sft: no --data file given")
     started = time.monotonic()
     conversations = [c for path in data_files for c in read_sft_file(path)]
-    train_set, val_set = split_held_out(conversations, settings.val_fraction, settings.seed)
-    if not train_set or not val_set:
-        raise ScratchLMError(f"sft: {len(conversations)} conversation(s) are too few to hold out a validation "
-                             f"slice of {settings.val_fraction:.0%}; give more data or a larger --val-fraction")
+    if val_files:
+        train_set, val_set = conversations, [c for path in val_files for c in read_sft_file(path)]
+        if not train_set or not val_set:
+            raise ScratchLMError(f"sft: no conversations in the {'--data' if not train_set else '--val-data'} files")
+    else:
+        train_set, val_set = split_held_out(conversations, settings.val_fraction, settings.seed)
+        if not train_set or not val_set:
+            raise ScratchLMError(f"sft: {len(conversations)} conversation(s) are too few to hold out a validation "
+                                 f"slice of {settings.val_fraction:.0%}; give more data, a larger --val-fraction "
+                                 f"or --val-data")
     out_dir = prepare_output(Path(out_dir), resume, overwrite)  # after the data proved readable
 
     model, tokenizer = load_model(base_dir)
@@ -67,8 +77,10 @@ def sft(base_dir: str | Path, data_files: list[str | Path], out_dir: str | Path,
         model, tokenizer = load_model(start_dir)
     context = model.config.context_length
 
-    fingerprint = files_fingerprint(data_files, {"val_fraction": settings.val_fraction, "seed": settings.seed,
-                                                 "tokenizer": tokenizer.fingerprint(), "context": context})
+    fingerprint = files_fingerprint([*data_files, *val_files],
+                                    {"val_fraction": settings.val_fraction, "seed": settings.seed,
+                                     "val_files": len(val_files), "tokenizer": tokenizer.fingerprint(),
+                                     "context": context})
     data_dir = out_dir / DATA
     stats = prepare_masked_data(data_dir, tokenizer, context, {"train": [[c] for c in train_set],
                                                                "val": [[c] for c in val_set]},
@@ -89,7 +101,8 @@ def sft(base_dir: str | Path, data_files: list[str | Path], out_dir: str | Path,
     replies = greedy_replies(final, tokenizer, [render_prompt(tokenizer, m) for m in asked], stop_ids(tokenizer)[0])
     summary = {
         "base_model": str(Path(base_dir).resolve()), "chat_tokens_added": added_tokens,
-        "data": [str(Path(p).resolve()) for p in data_files], **stats,
+        "data": [str(Path(p).resolve()) for p in data_files],
+        "val_data": [str(Path(p).resolve()) for p in val_files], **stats,
         "train_conversations": len(train_set), "val_conversations": len(val_set),
         "base_val_loss": (run.get("initial_eval") or {}).get("val_loss"), "val_loss": run["val_loss"],
         "steps": run["steps"], "tokens": run["tokens"], "train_seconds": run["elapsed_s"],

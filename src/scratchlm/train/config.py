@@ -71,7 +71,7 @@ class DataSection:
 
 @dataclass
 class OptimizerSection:
-    name: str = option("adamw", "adamw (written here), torch-adamw (torch's fused kernel) or muon")
+    name: str = option("adamw", "adamw (written here; torch's fused kernel on CUDA), torch-adamw (torch's fused kernel) or muon")
     lr: float = option(3e-4, "peak learning rate (of every parameter group, Muon's too)")
     beta1: float = option(0.9, "Adam's first-moment decay")
     beta2: float = option(0.95, "Adam's second-moment decay")

@@ -60,6 +60,7 @@ def init_distributed(device_name: str) -> DistContext:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(device_name, local_rank)
+    allow_tf32(device)
     if world_size > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -70,13 +71,24 @@ def init_distributed(device_name: str) -> DistContext:
     return DistContext(rank, local_rank, world_size, device)
 
 
+def allow_tf32(device: torch.device) -> None:
+    """On CUDA, let fp32 matmuls and convolutions use TF32 tensor cores (10-bit mantissa
+    products, fp32 accumulation): the fp32 work left outside bf16 autocast, such as the
+    logits' loss and Muon's fp32 products, runs several times faster. Process-wide, as torch's
+    flags are; CPUs have no TF32 and are left as they are."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
 def shutdown_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
 def parallelize(model: nn.Module, ctx: DistContext, *, activation_checkpointing: bool = False,
-                compile: bool = False, distributed: str = "ddp") -> nn.Module:
+                compile: bool = False, distributed: str = "ddp",
+                param_dtype: torch.dtype | None = None) -> nn.Module:
     """Prepare a freshly built model for training, in one place and in torchtitan's order:
 
     1. activation checkpointing: each block recomputes its activations in the backward pass
@@ -92,7 +104,8 @@ def parallelize(model: nn.Module, ctx: DistContext, *, activation_checkpointing:
     Blocks are replaced in `model.blocks` (state-dict names do not change: the wrapper strips
     its prefix and `Module.compile` keeps the module). Returns the module the training step
     calls: `model` itself, or its DDP wrapper. The optimizer, checkpoints and generation use
-    `model` (FSDP2 shards its parameters in place).
+    `model` (FSDP2 shards its parameters in place). Under FSDP2 `model` may be on the meta
+    device (see `materialize`); `param_dtype` is FSDP2's compute dtype (see `fully_shard_model`).
     """
     if activation_checkpointing:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
@@ -105,18 +118,56 @@ def parallelize(model: nn.Module, ctx: DistContext, *, activation_checkpointing:
     if not ctx.enabled:
         return model
     if distributed == "fsdp":
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-
-        mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
-        for block in model.blocks:
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        return model
+        return fully_shard_model(model, ctx, param_dtype)
     from torch.nn.parallel import DistributedDataParallel
 
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=device_ids)
+
+
+def fully_shard_model(model: nn.Module, ctx: DistContext, param_dtype: torch.dtype | None = None) -> nn.Module:
+    """FSDP2 over all processes of the (initialised) group: each block is its own unit, then
+    the root for the embeddings and head.
+
+    param_dtype=bf16 (a bf16 run): FSDP2's MixedPrecisionPolicy all-gathers and computes in
+    bf16 (half the all-gather bytes, no per-op autocast casts of the weights) while the
+    sharded fp32 parameters stay the optimizer's master copy, and gradients are reduced in
+    fp32 (`reduce_dtype`), so averaging over processes loses no precision."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    return model
+
+
+def materialize(model: nn.Module, device: torch.device, seed: int) -> None:
+    """Give a model built on the meta device real weights from its own `init_weights()`,
+    drawn from `seed`; unsharded models are filled on the CPU and moved to `device`.
+
+    FSDP2-sharded parameters get memory for their shard only (`to_empty`); init_weights then
+    draws each sharded tensor whole on the CPU, one at a time, and keeps this process's shard
+    (model.transformer.fill_), so no process holds the full model, and the weights equal,
+    bit for bit, those of an unsharded model from the same seed."""
+    from scratchlm.model.transformer import is_dtensor
+
+    sharded = any(is_dtensor(p) for p in model.parameters())
+    model.to_empty(device=device if sharded else torch.device("cpu"))
+    torch.manual_seed(seed)
+    model.init_weights()
+    model.to(device)
+
+
+def all_reduce_mean_(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """Element-wise mean over processes, in place on `t`'s device; with NCCL the host does not
+    wait for it (unlike all_reduce_sum, which returns host floats)."""
+    if ctx.enabled:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t /= ctx.world_size
+    return t
 
 
 def eager(compiled: bool) -> contextlib.AbstractContextManager:

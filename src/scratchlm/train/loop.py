@@ -30,12 +30,13 @@ from scratchlm.fsutil import atomic_write_json, atomic_write_text, check_output_
 from scratchlm.train import checkpoint as ckpt
 from scratchlm.train.config import TrainConfig, dump_config_yaml
 from scratchlm.train.bpb import bits_per_byte, loss_per_token, score_sums
-from scratchlm.train.distributed import (DistContext, all_reduce_max, all_reduce_sum,
+from scratchlm.train.distributed import (DistContext, all_reduce_max, all_reduce_mean_, all_reduce_sum,
                                          check_same_on_all_ranks, eager, gradient_sync,
-                                         init_distributed, parallelize, shutdown_distributed)
-from scratchlm.train.metrics import (LOSS_PLOT, METRICS_FILE, MetricsLog,
+                                         init_distributed, materialize, parallelize, shutdown_distributed)
+from scratchlm.train.metrics import (LOSS_PLOT, METRICS_FILE, MetricsLog, matched_gpu,
                                      model_flops_utilization, peak_flops, plot_loss)
-from scratchlm.train.optim import build_optimizer, clip_grad_norm_, set_lr
+from scratchlm.train.optim import build_optimizer, clip_grad_norm_, set_lr, step_unless_non_finite
+from scratchlm.train.prefetch import Prefetcher
 from scratchlm.train.schedule import lr_factor
 
 CHECKPOINTS = "checkpoints"
@@ -131,19 +132,22 @@ class LanguageModeling:
 def accumulate_gradients(model: nn.Module, batches: list[tuple[torch.Tensor, ...]],
                          autocast: Callable[[], contextlib.AbstractContextManager],
                          scaler: torch.amp.GradScaler, device: torch.device,
-                         objective: LanguageModeling = LanguageModeling()) -> torch.Tensor:
+                         objective: LanguageModeling = LanguageModeling(),
+                         counts: list[int] | None = None) -> torch.Tensor:
     """Forward and backward over the micro-batches of one step; return their mean loss.
 
     Each micro-batch's mean loss is weighted by its share of the step's items (targets, for
     language modeling), so the summed gradients equal those of the mean loss over all the
     step's items (padding spreads unevenly over micro-batches). Gradient all-reduce happens
-    on the last micro-batch only.
+    on the last micro-batch only. `counts`: each micro-batch's weight, when `batches` are
+    already on the GPU (taken from their host copies: reading the device ones would wait).
     """
-    counts = [objective.weight(batch) for batch in batches]  # on the CPU: no device sync
+    if counts is None:
+        counts = [objective.weight(batch) for batch in batches]  # on the CPU: no device sync
     total_items = max(sum(counts), 1)
     total = torch.zeros((), device=device)
     for i, (batch, count) in enumerate(zip(batches, counts)):
-        batch = tuple(t.to(device, non_blocking=True) for t in batch)
+        batch = tuple(t.to(device) for t in batch)  # a no-op for the loop's prefetched batches
         with gradient_sync(model, sync=i == len(batches) - 1):
             with autocast():
                 loss = objective.loss(model, batch)
@@ -187,20 +191,30 @@ class Trainer:
         self.grad_accum = self._grad_accum()
 
         # Same seed on every rank for the initial weights (FSDP shards each rank's copy, so
-        # they must agree), then a per-rank seed for dropout.
+        # they must agree), then a per-rank seed for dropout. A model without pretrained
+        # weights is built on the meta device and filled by `materialize`: under FSDP after
+        # sharding, so each rank allocates and fills only its shards; otherwise before DDP,
+        # which broadcasts the weights when it wraps the model.
         _seed_everything(run.seed)
-        self.raw_model = self._build_model().to(self.device)
-        _seed_everything(run.seed + ctx.rank)
+        self.raw_model = self._build_model()
         self.autocast_dtype = self._autocast_dtype()
         self.scaler = torch.amp.GradScaler(self.device.type,
                                            enabled=self.autocast_dtype == torch.float16)
+        if not self.sharded:
+            self._materialize()
         self.model = parallelize(self.raw_model, ctx, activation_checkpointing=run.activation_checkpointing,
-                                 compile=run.compile, distributed=run.distributed)
+                                 compile=run.compile, distributed=run.distributed,
+                                 param_dtype=torch.bfloat16 if self.autocast_dtype == torch.bfloat16 else None)
+        if self.sharded:
+            self._materialize()
+        _seed_everything(run.seed + ctx.rank)
         # FSDP shards the parameters of raw_model in place, so it is the one to optimize,
         # checkpoint and sample from in every mode (self.model may be a DDP wrapper).
         self.optimizer = build_optimizer(self.raw_model, config.optimizer, self.device.type)
 
         self.train_loader = self._loader("train", config.data.packing)
+        self.prefetcher = Prefetcher(lambda: [self._batch() for _ in range(self.grad_accum)],
+                                     self.train_loader.state_dict, self.device)
         if self.train_loader.tokens_per_epoch < self.context_length:
             raise ScratchLMError(
                 f"the train split of {config.data.dir} has {self.train_loader.tokens_per_epoch} "
@@ -286,8 +300,13 @@ class Trainer:
         return model_config
 
     def _build_model(self) -> nn.Module:
+        """The model to train: on the meta device (no memory, no weights yet) unless it
+        starts from pretrained weights or gets LoRA adapters."""
         from scratchlm.model import Transformer
 
+        if not self.config.model.init_from and self.lora is None:
+            with torch.device("meta"):
+                return Transformer(self.model_config)
         model = Transformer(self.model_config)
         if self.config.model.init_from:
             from scratchlm.model.directory import load_model
@@ -299,6 +318,14 @@ class Trainer:
 
             apply_lora(model, self.lora)  # freezes the base: the optimizer then sees the adapters only
         return model
+
+    def _materialize(self) -> None:
+        """Real weights on the training device: `materialize`'s initialisation from run.seed
+        for a meta-device model (so they are the same with and without FSDP), else a move."""
+        if self.raw_model.tok_emb.weight.is_meta:
+            materialize(self.raw_model, self.device, self.config.run.seed)
+        else:
+            self.raw_model.to(self.device)
 
     @property
     def lora(self):
@@ -393,6 +420,7 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         mine = state["rank_states"][self.ctx.rank]
         self.train_loader.load_state_dict(mine["loader"])
+        self.prefetcher.reset()
         ckpt.restore_rng_state(mine["rng"])
         self.step = state["step"]
         self.elapsed_before = state["elapsed_s"]
@@ -443,7 +471,7 @@ class Trainer:
             "progress": self.progress(self.step, elapsed), "lr_factor": self.lr_factor,
             "rewarm": self.rewarm, "initial_eval": self.initial_eval,
         }
-        rank_state = {"rng": ckpt.capture_rng_state(), "loader": self.train_loader.state_dict()}
+        rank_state = {"rng": ckpt.capture_rng_state(), "loader": self.prefetcher.state_dict()}
         self.last_checkpoint = ckpt.save_checkpoint(
             self.out_dir / CHECKPOINTS, self.step, model=self.raw_model, tokenizer=self.tokenizer,
             optimizer=self.optimizer, trainer_state=trainer_state, rank_state=rank_state,
@@ -497,7 +525,8 @@ class Trainer:
         self._say(self._banner())
         if self.config.run.eval_first and self.step == 0:
             self.initial_eval = self._evaluate_and_log(self.elapsed_before)
-        session = _Session(start=self.clock(), last_checkpoint=self.clock())
+        session = _Session(start=self.clock(), last_checkpoint=self.clock(),
+                           counts=torch.zeros(2, device=self.device))
         bar = self._progress_bar()
         with _stop_requests() as stop_requested:
             while True:
@@ -511,6 +540,7 @@ class Trainer:
                                 eta=_eta(session.elapsed, progress), refresh=False)
                 self._after_step(session)
         bar.close()
+        self._read_back(session)
 
         elapsed = self._elapsed(session)
         if session.eval_step != self.step:
@@ -533,6 +563,7 @@ class Trainer:
             [self._elapsed(session), float(stop_requested), float(checkpoint_due)], self.ctx)
         session.elapsed = elapsed
         if stop or checkpoint_due:
+            self._read_back(session)  # the checkpoint below needs the current streak
             if self.step > 0 and session.bad_streak == 0 and not self._checkpointed_now():
                 self.save_checkpoint(elapsed, None)
             session.last_checkpoint = self.clock()
@@ -548,14 +579,37 @@ class Trainer:
         self.lr_factor = self.learning_rate_factor(progress)
         set_lr(self.optimizer, self.lr_factor)
         t0 = self.clock()
-        loss, grad_norm, ok = self.train_step()
-        session.step_seconds += self.clock() - t0
-        session.steps += 1
-        session.loss, session.grad_norm = loss, grad_norm
+        stats = self.train_step()
         self.step += 1
-        session.bad_streak = 0 if ok else session.bad_streak + 1
-        if not ok:
-            self._on_bad_step(loss, grad_norm, session.bad_streak)
+        session.steps += 1
+        session.record(stats)
+        if self._read_back_due():
+            # Inside the timed region: on a GPU the read waits for the queued steps, whose
+            # time then counts towards tokens/s.
+            self._read_back(session)
+        session.step_seconds += self.clock() - t0
+
+    def _read_back_due(self) -> bool:
+        """Whether this step's figures are needed on the host now: it logs, evaluates or
+        checkpoints (a checkpoint must know whether a non-finite streak is on)."""
+        run = self.config.run
+        return self.step == 1 or any(every and self.step % every == 0 for every in
+                                     (run.log_every, run.eval_every, run.checkpoint_every))
+
+    def _read_back(self, session: _Session) -> None:
+        """Copy the last step's loss and gradient norm, and the counts of skipped steps, to
+        the host: with torch's fused optimizer (the default on CUDA) the loop's only device
+        sync between log intervals. Non-finite steps were skipped as they happened (see
+        step_unless_non_finite); they are reported, and the run stopped for too long a
+        streak, here, at the next log/eval/checkpoint step rather than at once."""
+        if session.pending is None:
+            return
+        loss, grad_norm, streak, skipped = session.pending.tolist()
+        session.pending = None
+        session.loss, session.grad_norm, session.bad_streak = loss, grad_norm, int(streak)
+        newly_skipped, session.skipped = int(skipped) - session.skipped, int(skipped)
+        if newly_skipped:
+            self._on_bad_steps(newly_skipped, loss, grad_norm, session.bad_streak)
 
     def _after_step(self, session: _Session) -> None:
         """Log, evaluate and checkpoint on their step intervals."""
@@ -585,21 +639,21 @@ class Trainer:
     def tokens(self) -> int:
         return self.step * self.tokens_per_step
 
-    def train_step(self) -> tuple[float, float, bool]:
-        """One optimizer step; returns (mean loss, gradient norm, whether it was applied)."""
-        batches = [self._batch() for _ in range(self.grad_accum)]
-        loss = accumulate_gradients(self.model, batches, self.autocast, self.scaler, self.device, self.objective)
+    def train_step(self) -> torch.Tensor:
+        """One optimizer step, queued on the device without waiting for it: returns a device
+        tensor [mean loss over processes, gradient norm, 1.0 if the update was skipped for a
+        non-finite loss or norm else 0.0]."""
+        host, batches = self.prefetcher.next()
+        loss = accumulate_gradients(self.model, batches, self.autocast, self.scaler, self.device, self.objective,
+                                    counts=[self.objective.weight(batch) for batch in host])
         self.scaler.unscale_(self.optimizer)
         grad_norm = clip_grad_norm_(self.raw_model.parameters(), self.config.optimizer.grad_clip)
-        loss_value, norm_value = all_reduce_sum([loss.item(), grad_norm.item()], self.ctx)
-        loss_value /= self.ctx.world_size
-        norm_value /= self.ctx.world_size
-        ok = math.isfinite(loss_value) and math.isfinite(norm_value)
-        if ok:
-            self.scaler.step(self.optimizer)
-        self.scaler.update()
+        stats = all_reduce_mean_(torch.stack([loss, grad_norm.to(loss.device)]), self.ctx)
+        found_inf = (~torch.isfinite(stats).all()).float()
+        step_unless_non_finite(self.optimizer, found_inf)
+        self.scaler.update()  # fp16: its own inf check was recorded by unscale_
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_value, norm_value, ok
+        return torch.cat([stats, found_inf[None]])
 
     def _batch(self) -> tuple[torch.Tensor, ...]:
         """The next training micro-batch: (x, y), plus segment ids under document masking."""
@@ -608,10 +662,11 @@ class Trainer:
             return x, y, self.train_loader.segment_ids(x)
         return x, y
 
-    def _on_bad_step(self, loss: float, grad_norm: float, streak: int) -> None:
+    def _on_bad_steps(self, count: int, loss: float, grad_norm: float, streak: int) -> None:
         limit = self.config.run.max_bad_steps
-        self._say(f"step {self.step}: non-finite loss ({loss}) or gradient norm ({grad_norm}); "
-                  f"update skipped ({streak}/{limit} in a row)")
+        self._say(f"step {self.step}: {count} step(s) with a non-finite loss or gradient norm since the "
+                  f"last report, updates skipped (now: loss {loss}, gradient norm {grad_norm}; "
+                  f"{streak}/{limit} in a row)")
         if streak >= limit:
             raise ScratchLMError(
                 f"{streak} consecutive non-finite steps (up to step {self.step}): stopping. "
@@ -656,7 +711,7 @@ class Trainer:
         summary = {
             "steps": self.step, "tokens": self.tokens, "elapsed_s": round(elapsed, 3),
             "train_tokens_per_s": tokens_per_s, "tokens_per_s": tokens_per_s,
-            "mfu": self._mfu(tokens_per_s) if tokens_per_s else None,
+            "mfu": self._mfu(tokens_per_s) if tokens_per_s else None, "mfu_gpu": matched_gpu(self.device),
             "val_loss": eval_result.get("val_loss"), "val_bpb": eval_result.get("val_bpb"),
             **{name: value for name, value in eval_result.items() if name not in ("val_loss", "val_bpb")},
             "initial_eval": self.initial_eval,
@@ -700,7 +755,12 @@ class Trainer:
                 f"{self.tokens_per_step:,} tokens/step = {self.grad_accum} micro-batch(es) of "
                 f"{self.config.run.micro_batch_size}x{self.context_length} per process; {packing}; "
                 f"{_budget_text(self._budget())}; "
-                f"MFU {'n/a (no GPU peak known)' if self.peak_flops is None else 'reported'}")
+                f"MFU {self._mfu_text()}")
+
+    def _mfu_text(self) -> str:
+        if self.peak_flops is None:
+            return "n/a (no GPU peak known)"
+        return f"against the {matched_gpu(self.device)} dense bf16 peak of {self.peak_flops / 1e12:.0f} TFLOP/s"
 
     def _rows_text(self) -> str:
         """How the batch rows are filled, for the banner."""
@@ -726,11 +786,22 @@ class _Session:
     elapsed: float = 0.0  # run time including earlier sessions, agreed across ranks
     steps: int = 0
     step_seconds: float = 0.0  # time inside optimizer steps only: the tokens/s denominator
-    bad_streak: int = 0  # consecutive non-finite steps
-    loss: float = math.nan
+    bad_streak: int = 0  # consecutive non-finite steps, as of the last read-back
+    loss: float = math.nan  # of the last step read back (see Trainer._read_back)
     grad_norm: float = math.nan
+    skipped: int = 0  # non-finite steps skipped in this session, as of the last read-back
     eval_step: int = -1
     eval_result: dict[str, float] = field(default_factory=dict)
+    # On the device: [non-finite streak, skipped steps] after the last step, and that step's
+    # [loss, grad norm, streak, skipped] until it is read back.
+    counts: torch.Tensor | None = None
+    pending: torch.Tensor | None = None
+
+    def record(self, stats: torch.Tensor) -> None:
+        """Fold a step's device stats (Trainer.train_step) into the device counters."""
+        skipped = stats[2]
+        self.counts = torch.stack([(self.counts[0] + 1) * skipped, self.counts[1] + skipped])
+        self.pending = torch.cat([stats[:2], self.counts])
 
     def tokens_per_s(self, tokens_per_step: int) -> float:
         return self.steps * tokens_per_step / max(self.step_seconds, 1e-9)

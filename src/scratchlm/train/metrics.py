@@ -113,15 +113,28 @@ def plot_loss(metrics_path: Path, out_path: Path) -> None:
     atomic_write_bytes(out_path, buf.getvalue())
 
 
+def matched_gpu(device: torch.device) -> str | None:
+    """The key of the peak-FLOP/s table (model.accounting.GPU_PEAK_FLOPS) that the CUDA device's
+    name matched ("H100", "H200", ...), or None (CPUs, unknown GPUs)."""
+    if device.type != "cuda":
+        return None
+    from scratchlm.errors import ScratchLMError
+    from scratchlm.model.accounting import gpu_key
+
+    try:
+        return gpu_key(torch.cuda.get_device_name(device))
+    except ScratchLMError:
+        return None
+
+
 def peak_flops(device: torch.device) -> float | None:
     """Dense bf16 peak FLOP/s of one device from the model stage's table, or None (CPUs and
     unknown GPUs: MFU is then reported as n/a). MFU is always quoted against the bf16 peak,
     the precision large runs train in."""
-    if device.type != "cuda":
-        return None
-    from scratchlm.model.accounting import peak_flops_for_device
+    from scratchlm.model.accounting import GPU_PEAK_FLOPS
 
-    return peak_flops_for_device(torch.cuda.get_device_name(device))
+    gpu = matched_gpu(device)
+    return None if gpu is None else GPU_PEAK_FLOPS[gpu]
 
 
 def model_flops_utilization(tokens_per_s: float, flops_per_token: float, peak: float | None,

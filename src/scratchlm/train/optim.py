@@ -64,16 +64,21 @@ _NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
 def newton_schulz_orthogonalize(grad: torch.Tensor, steps: int = 5) -> torch.Tensor:
-    """Approximate U V^T of G = U S V^T with a few matrix products (no SVD)."""
+    """Approximate U V^T of G = U S V^T with a few matrix products (no SVD).
+
+    `grad` is one matrix or a stack of same-shaped matrices (..., rows, cols): a stack is
+    orthogonalised matrix by matrix in one batched product per iteration, so a model's
+    many equal-shaped weights cost a few large launches instead of many small ones."""
     a, b, c = _NS_COEFFS
     # bf16 halves the matmul cost on GPU and the iteration is robust to it; CPUs without
     # fast bf16 matmuls run it in fp32.
     dtype = torch.bfloat16 if grad.is_cuda else torch.float32
     x = grad.to(dtype)
-    transposed = x.size(0) > x.size(1)
+    transposed = x.size(-2) > x.size(-1)
     if transposed:  # iterate on the smaller Gram matrix X X^T
         x = x.mT
-    x = x / (x.norm() + 1e-7)  # spectral norm <= Frobenius norm = 1: inside the basin
+    # Each matrix's spectral norm <= its Frobenius norm = 1: inside the basin.
+    x = x / (torch.linalg.matrix_norm(x, keepdim=True) + 1e-7)
     for _ in range(steps):
         gram = x @ x.mT
         x = a * x + (b * gram + c * gram @ gram) @ x
@@ -112,27 +117,39 @@ class Muon(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):  # noqa: ARG002
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if group["use_muon"]:
-                    self._muon_update(p, group)
-                else:
-                    beta1, beta2 = group["betas"]
-                    adamw_update_(p, p.grad, self.state[p], group["lr"], beta1, beta2,
-                                  group["eps"], group["weight_decay"])
+            params = [p for p in group["params"] if p.grad is not None]
+            if group["use_muon"]:
+                for same_shape in _by_shape(params):
+                    self._muon_update(same_shape, group)
+                continue
+            beta1, beta2 = group["betas"]
+            for p in params:
+                adamw_update_(p, p.grad, self.state[p], group["lr"], beta1, beta2,
+                              group["eps"], group["weight_decay"])
 
-    def _muon_update(self, p: torch.Tensor, group: dict) -> None:
-        state = self.state[p]
-        if not state:
-            state["momentum_buffer"] = torch.zeros_like(p)
-        buf, momentum = state["momentum_buffer"], group["momentum"]
-        buf.lerp_(p.grad, 1 - momentum)
-        update = p.grad.lerp(buf, momentum)  # Nesterov: look one momentum step ahead
-        update = newton_schulz_orthogonalize(update, group["ns_steps"])
-        update *= _MOONLIGHT_RMS * max(p.size(0), p.size(1)) ** 0.5  # RMS ~0.2, like AdamW
-        p.mul_(1 - group["lr"] * group["weight_decay"])
-        p.add_(update, alpha=-group["lr"])
+    def _muon_update(self, params: list[torch.Tensor], group: dict) -> None:
+        """One Muon step for same-shaped matrices: orthogonalised together as one stack, the
+        elementwise parts as multi-tensor (foreach) kernels."""
+        for p in params:
+            if not self.state[p]:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        grads = [p.grad for p in params]
+        buffers, momentum = [self.state[p]["momentum_buffer"] for p in params], group["momentum"]
+        torch._foreach_lerp_(buffers, grads, 1 - momentum)
+        updates = torch._foreach_lerp(grads, buffers, momentum)  # Nesterov: look one momentum step ahead
+        orthogonal = newton_schulz_orthogonalize(torch.stack(updates), group["ns_steps"])
+        rows, cols = params[0].shape
+        orthogonal *= _MOONLIGHT_RMS * max(rows, cols) ** 0.5  # RMS ~0.2, like AdamW
+        torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+        torch._foreach_add_(params, list(orthogonal.unbind()), alpha=-group["lr"])
+
+
+def _by_shape(params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """`params` grouped by shape, each group in its original order."""
+    groups: dict[torch.Size, list[torch.Tensor]] = {}
+    for p in params:
+        groups.setdefault(p.shape, []).append(p)
+    return list(groups.values())
 
 
 def split_decay_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -177,14 +194,32 @@ def build_optimizer(model: nn.Module, cfg: OptimizerSection, device_type: str
                     ns_steps=cfg.muon_ns_steps, betas=betas, eps=cfg.eps,
                     weight_decay=cfg.weight_decay)
     groups = [dict(params=decay), dict(params=no_decay, weight_decay=0.0)]
-    if cfg.name == "torch-adamw":
-        # torch's fused CUDA kernel: one launch for all tensors instead of ~10 per tensor.
+    if cfg.name == "torch-adamw" or device_type == "cuda":
+        # torch's fused kernel (CUDA and CPU): one launch for all tensors instead of ~10 per
+        # tensor, the same update rule as AdamW above (tests/test_train_optim.py compares
+        # them), and it can skip a non-finite step on the device (step_unless_non_finite).
         opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps,
-                                weight_decay=cfg.weight_decay, fused=device_type == "cuda")
+                                weight_decay=cfg.weight_decay, fused=True)
         for group in opt.param_groups:
             group["base_lr"] = cfg.lr
         return opt
     return AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+
+
+def step_unless_non_finite(optimizer: torch.optim.Optimizer, found_inf: torch.Tensor) -> None:
+    """Apply the update unless `found_inf` (a 0-d float tensor, 1 for a non-finite loss or
+    gradient norm) is set. torch's fused optimizers read it on the device (GradScaler's
+    protocol: the `found_inf` attribute), so the step needs no host sync; the others are
+    decided on the host, a sync that costs nothing on a CPU (no queued device work), and
+    Muon's per-step price on a GPU."""
+    if optimizer.defaults.get("fused"):
+        optimizer.found_inf = found_inf
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+    elif not found_inf.item():
+        optimizer.step()
 
 
 def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
@@ -205,15 +240,15 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float) -> torc
     if not grads:
         return torch.zeros(())
     local = [_local(g) for g in grads]
-    norm_sq = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) ** 2
-                           for g in local]).sum()
+    # foreach: one multi-tensor kernel for all the norms, one for all the scalings.
+    norms = torch._foreach_norm(local, dtype=torch.float32)
+    norm_sq = torch.stack(norms).pow(2).sum()
     if _is_sharded(grads[0]):
         torch.distributed.all_reduce(norm_sq)
     total = norm_sq.sqrt()
     if max_norm > 0:
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        for g in local:
-            g.mul_(coef.to(g.device))
+        torch._foreach_mul_(local, coef.to(local[0].device))
     return total
 
 

@@ -1,28 +1,32 @@
-"""`scratchlm run`: raw text to a trained, evaluated model with a report card, in one command.
+"""`scratchlm run`: raw text to an evaluated, instruction-tuned, exported model, in one command.
 
 The job is a fixed chain of stages, each writing into its own place in the run directory:
 
-    tokenizer -> data -> train -> eval -> suite -> samples -> report
+    tokenizer -> data -> pretrain -> sft -> [dpo] -> eval -> export -> report
 
 `run.json` records the settings the run was created with and, per stage, when it finished,
 how long it took and what it measured. Every setting is checked before any stage writes.
 Re-running the same command skips every finished stage; an interrupted stage starts again
 (tokenizer, data: they write atomically, so nothing half-done is ever mistaken for done) or
-resumes (train: from its last checkpoint). A larger `--minutes` continues training from the
-last checkpoint with the schedule re-planned for the new budget, then evaluates again; a
-smaller one changes nothing (a run cannot be untrained). The report is rebuilt every time from
-what the stages recorded.
+resumes (pretrain, sft, dpo: from their last checkpoint). A stage that finishes makes the
+stages after it stale, and a stage whose inputs changed (the model it evaluates, the suite's
+task files) runs again. A larger `--minutes` continues pretraining from the last checkpoint
+with the schedule re-planned for the new budget, then redoes what follows; a smaller one
+changes nothing (a run cannot be untrained). `--stages` and `--skip` run part of the chain.
+
+SFT data: `--sft-data FILE...` (any format `scratchlm sft` reads), or, by default, pairs
+derived from the corpus itself (scratchlm.post.code_instructions: a documented function's
+docstring asks for it, its body answers), the held-out pairs from the held-out files. A
+prose corpus without --sft-data has no instruction data: SFT is skipped, and said so.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
-import os
-import platform
 import shlex
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -30,10 +34,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 from scratchlm.errors import ScratchLMError
-from scratchlm.fsutil import (atomic_write_json, atomic_write_text, check_output_directory, make_directory,
-                              remove_outputs)
+from scratchlm.fsutil import atomic_write_json, check_output_directory, make_directory, remove_outputs
+from scratchlm.pipeline.report import closing_message
 
-STAGES = ("tokenizer", "data", "train", "eval", "suite", "samples")
+STAGES = ("tokenizer", "data", "pretrain", "sft", "dpo", "eval", "export", "report")
+OPTIONAL_STAGES = {"dpo"}  # in the chain only when asked for (--dpo-data)
+# What each stage reads: it runs only when these are done or run before it in the same call.
+NEEDS = {"tokenizer": (), "data": ("tokenizer",), "pretrain": ("data",), "sft": ("pretrain",), "dpo": ("sft",),
+         "eval": ("pretrain",), "export": ("pretrain",), "report": ()}
 
 # Prompts for the closing samples, by the kind of text the model was trained on (the data
 # stage records each source's filter profile).
@@ -41,6 +49,7 @@ SAMPLE_PROMPTS = {
     "code": ("def ", "import ", "class ", "    return "),
     "prose": ("Once upon a time", "The ", "She said", "\n"),
 }
+SAMPLE_INSTRUCTIONS = 3  # held-out instructions answered by the base and the chat model in the report
 
 
 @dataclass
@@ -50,7 +59,13 @@ class RunSettings:
     corpus: tuple[str, ...] = ("stdlib",)
     val_corpus: tuple[str, ...] = ()
     preset: str = "tiny"
-    minutes: float = 6.0  # pretraining budget (wall clock)
+    minutes: float = 5.0  # pretraining budget (wall clock)
+    sft_minutes: float = 2.5
+    sft_data: tuple[str, ...] = ()  # conversation files; default: pairs derived from the corpus
+    dpo_data: tuple[str, ...] = ()  # preference pairs; none: no DPO stage
+    dpo_minutes: float = 1.5
+    stages: tuple[str, ...] = ()  # run only these (default: the whole chain)
+    skip: tuple[str, ...] = ()  # run the chain without these
     out_dir: str = ""  # default: runs/<name of the first corpus>
     vocab_size: int = 2048
     context_length: int = 256
@@ -97,7 +112,7 @@ class RunSettings:
                 resolve_input(spec)
         if self.preset not in PRESETS:
             raise ScratchLMError(f"--preset: unknown preset {self.preset!r}; known: {', '.join(PRESETS)}")
-        for name in ("minutes", "lr", "tokenizer_sample_mb"):
+        for name in ("minutes", "sft_minutes", "dpo_minutes", "lr", "tokenizer_sample_mb"):
             value = getattr(self, name)
             if not (value > 0 and math.isfinite(value)):
                 raise ScratchLMError(f"--{name.replace('_', '-')}: must be a number > 0, got {value!r}")
@@ -120,14 +135,36 @@ class RunSettings:
             raise ScratchLMError(f"--global-batch-tokens: {self.global_batch_tokens} is not a multiple of "
                                  f"--micro-batch-size x --context-length = {per_step}")
         pick_device(self.device)
+        for path in (*self.sft_data, *self.dpo_data):
+            if not Path(path).is_file():
+                raise ScratchLMError(f"{path}: no such file (--sft-data/--dpo-data take files)")
+        chain = self.chain()
+        if "export" in chain and importlib.util.find_spec("gguf") is None:  # it writes a GGUF file
+            raise ScratchLMError("the export stage needs the gguf package: pip install 'scratchlm[export]', "
+                                 "or --skip export")
+
+    def chain(self) -> list[str]:
+        """The stages this invocation runs, in order, after checking --stages and --skip."""
+        for option, names in (("--stages", self.stages), ("--skip", self.skip)):
+            unknown = [name for name in names if name not in STAGES]
+            if unknown:
+                raise ScratchLMError(f"{option}: unknown stage {unknown[0]!r}; the stages are {', '.join(STAGES)}")
+        if "dpo" in self.stages and not self.dpo_data:
+            raise ScratchLMError("--stages dpo: DPO needs preference pairs: give --dpo-data FILE")
+        wanted = [st for st in STAGES if st not in OPTIONAL_STAGES or self.dpo_data]
+        return [st for st in wanted if (not self.stages or st in self.stages) and st not in self.skip]
 
 
 # Settings that may change between invocations of the same run without invalidating it.
-_MAY_CHANGE = {"out_dir", "device", "minutes", "progress", "suite_data", "suite_limit"}
+# (A stage that depends on one of them records what it used and runs again when it changes.)
+_MAY_CHANGE = {"out_dir", "device", "minutes", "progress", "suite_data", "suite_limit", "stages", "skip",
+               "dpo_data", "dpo_minutes"}
 # Files the run writes at the top of its directory; its stages' directories are removed by
 # their own owners (only their outputs). Downloads are kept: a cache of public corpora,
 # expensive to fetch again.
-RUN_FILES = ("run.json", "samples.json", "report.md", "report.json", "loss.png")
+RUN_FILES = ("run.json", "samples.json", "report.md", "report.json", "report.html")
+INSTRUCTIONS = "instructions"  # the SFT pairs derived from the corpus: train.jsonl, val.jsonl
+EXPORT, GGUF_FILE = "export", "model-f16.gguf"  # export/hf/ and export/model-f16.gguf
 
 
 class _Run:
@@ -140,19 +177,25 @@ class _Run:
         if overwrite:
             self._start_over()
         self.state = self._load_state(may_hold_other_files=overwrite)
+        self.resuming = False  # whether the running stage started on the same inputs before
 
     # ------------------------------------------------------------------ state
     def _start_over(self) -> None:
         """Remove what an earlier run wrote here (its files only, never the user's)."""
         from scratchlm.data.finalize import remove_data_directory
+        from scratchlm.post.finetune import remove_finetune_run
         from scratchlm.tokenizer import TOKENIZER_FILES
         from scratchlm.train.loop import remove_training_run
 
         remove_outputs(self.dir / "tokenizer", TOKENIZER_FILES)
         remove_data_directory(self.dir / "data")
-        if (self.dir / "train").is_dir():
-            remove_training_run(self.dir / "train")
-            remove_outputs(self.dir / "train", ())
+        if (self.dir / "pretrain").is_dir():
+            remove_training_run(self.dir / "pretrain")
+            remove_outputs(self.dir / "pretrain", ())
+        remove_outputs(self.dir / INSTRUCTIONS, ("train.jsonl", "val.jsonl"))
+        for stage in ("sft", "dpo"):
+            remove_finetune_run(self.dir / stage)
+        remove_outputs(self.dir / EXPORT, ("hf", GGUF_FILE))
         remove_outputs(self.dir, RUN_FILES)
 
     def _load_state(self, may_hold_other_files: bool) -> dict[str, Any]:
@@ -188,11 +231,44 @@ class _Run:
     def done(self, stage: str) -> bool:
         return bool(self.state["stages"].get(stage, {}).get("done"))
 
-    def record(self, stage: str, seconds: float, **figures: Any) -> None:
-        """A stage that reports "skipped" (the suite without task files) is not done: the next
+    def inputs(self, stage: str) -> dict[str, Any]:
+        """What a stage's result depends on beyond the fixed settings: when each stage it reads
+        finished (a stage run again makes its readers stale) and the settings that may change
+        between invocations. A done stage whose inputs differ from these runs again."""
+        s = self.settings
+        read = list(NEEDS[stage])
+        if stage in ("eval", "export"):
+            read.append(self.final_stage())  # the model they evaluate or export
+        inputs: dict[str, Any] = {f"{name}_finished": self.state["stages"].get(name, {}).get("finished")
+                                  for name in dict.fromkeys(read)}
+        if stage == "dpo":
+            inputs.update(data=list(s.dpo_data), minutes=s.dpo_minutes)
+        if stage == "eval":
+            inputs.update(suite_data=s.suite_data, suite_limit=s.suite_limit)
+        return inputs
+
+    def due(self, stage: str) -> bool:
+        entry = self.state["stages"].get(stage, {})
+        return stage == "report" or not entry.get("done") or entry.get("inputs") != self.inputs(stage)
+
+    def interrupted(self, stage: str) -> bool:
+        """Whether `stage` started on the same inputs and did not finish (so it resumes)."""
+        entry = self.state["stages"].get(stage, {})
+        return not entry.get("done") and entry.get("inputs") == self.inputs(stage)
+
+    def start(self, stage: str) -> None:
+        entry = self.state["stages"].setdefault(stage, {})
+        if entry.get("inputs") != self.inputs(stage):  # a new start: earlier figures and time no longer apply
+            entry.clear()
+        entry.update(done=False, inputs=self.inputs(stage))
+        self._save_state()
+
+    def record(self, stage: str, seconds: float, /, **figures: Any) -> None:
+        """A stage that reports "skipped" (SFT without instruction data) is not done: the next
         invocation tries it again."""
         entry = self.state["stages"].setdefault(stage, {})
-        entry.update(figures, done="skipped" not in figures, seconds=entry.get("seconds", 0.0) + seconds)
+        entry.update(figures, done="skipped" not in figures, seconds=entry.get("seconds", 0.0) + seconds,
+                     finished=time.time())
         self._save_state()
 
     def add_time(self, stage: str, seconds: float) -> None:
@@ -201,6 +277,22 @@ class _Run:
         entry["seconds"] = entry.get("seconds", 0.0) + seconds
         self._save_state()
 
+    # ------------------------------------------------------------------ models
+    def base_dir(self) -> Path:
+        return self.dir / "pretrain" / "final"
+
+    def final_stage(self) -> str:
+        """The stage whose model is the run's result: DPO's, else SFT's, else pretraining's."""
+        for stage in ("dpo", "sft"):
+            if self.done(stage) and (stage not in OPTIONAL_STAGES or self.settings.dpo_data):
+                return stage
+        return "pretrain"
+
+    def model_dir(self) -> Path:
+        """The run's final model: the chat model when post-training ran, else the base."""
+        stage = self.final_stage()
+        return self.base_dir() if stage == "pretrain" else self.dir / stage
+
     # ------------------------------------------------------------------ stages
     def stage_tokenizer(self) -> dict[str, Any]:
         from scratchlm.data.clean import clean_text
@@ -208,7 +300,7 @@ class _Run:
         from scratchlm.tokenizer.commands import train_tokenizer
 
         s = self.settings
-        train_inputs, val_inputs = self.inputs()
+        train_inputs, val_inputs = self.corpus_inputs()
 
         def held_out_by_data_stage(doc) -> bool:
             # The data stage splits cleaned text by this same hash: the tokenizer never
@@ -228,7 +320,7 @@ class _Run:
         from scratchlm.data import PrepareConfig, format_stats_table, prepare_data
 
         s = self.settings
-        train_inputs, val_inputs = self.inputs()
+        train_inputs, val_inputs = self.corpus_inputs()
         config = PrepareConfig(val_inputs=tuple(val_inputs), val_fraction=s.val_fraction,
                                split_by_position=s.split_by_position, progress=s.progress)
         manifest = prepare_data(train_inputs, self.dir / "tokenizer", self.dir / "data",
@@ -262,28 +354,27 @@ class _Run:
             "run.keep_checkpoints=2",
         ])
 
-    def stage_train(self) -> dict[str, Any]:
+    def stage_pretrain(self) -> dict[str, Any]:
         from scratchlm.train import train
 
-        summary = train(self.train_config(), self.dir / "train", resume=True)
+        summary = train(self.train_config(), self.dir / "pretrain", resume=True)
         figures = {k: v for k, v in summary.items() if isinstance(v, (int, float, str, type(None)))}
         return {**figures, "minutes": self.settings.minutes}
 
     def _extend_training(self) -> None:
-        """A larger --minutes than the finished training had: continue it (and redo what
-        depends on the model); a smaller one is reported, never silently claimed."""
-        trained = self.state["stages"].get("train", {}).get("minutes")
+        """A larger --minutes than the finished pretraining had: continue it (what reads its
+        model then runs again); a smaller one is reported, never silently claimed."""
+        trained = self.state["stages"].get("pretrain", {}).get("minutes")
         asked = self.settings.minutes
-        if not self.done("train") or trained is None or asked == trained:
+        if not self.done("pretrain") or trained is None or asked == trained:
             return
         if asked < trained:
-            self.say(f"== train: trained {trained:g} min already; --minutes {asked:g} cannot shorten a "
+            self.say(f"== pretrain: trained {trained:g} min already; --minutes {asked:g} cannot shorten a "
                      f"finished run (use --overwrite to start over)")
             return
-        self.say(f"== train: budget raised from {trained:g} to {asked:g} min: training continues from "
+        self.say(f"== pretrain: budget raised from {trained:g} to {asked:g} min: training continues from "
                  f"its last checkpoint")
-        for stage in ("train", "eval", "suite", "samples"):
-            self.state["stages"].get(stage, {})["done"] = False
+        self.state["stages"]["pretrain"]["done"] = False
         self._save_state()
 
     def corpus_profile(self) -> str:
@@ -297,10 +388,76 @@ class _Run:
                 bytes_by_profile[profile] = bytes_by_profile.get(profile, 0) + source["bytes"]
         return max(bytes_by_profile, key=bytes_by_profile.get, default="prose")
 
-    def model_dir(self) -> Path:
-        return self.dir / "train" / "final"
+    def hint_prompt(self) -> str:
+        """A prompt that suits a base model of this corpus (for the commands the run prints)."""
+        return SAMPLE_PROMPTS[self.corpus_profile()][0]
+
+    def instruction_files(self) -> tuple[list[str], list[str], dict[str, Any]]:
+        """(training files, held-out files, figures) of the SFT stage: --sft-data (held out by
+        `scratchlm sft`'s own split), else pairs derived from the data directory's documents,
+        each split's pairs from that split's files."""
+        from scratchlm.data import iter_documents
+        from scratchlm.post.chat import render_conversation, with_chat_tokens
+        from scratchlm.post.code_instructions import write_code_instructions
+        from scratchlm.tokenizer import Tokenizer
+
+        s = self.settings
+        if s.sft_data:
+            return list(s.sft_data), [], {"instructions": "--sft-data"}
+        tokenizer = Tokenizer.load(self.dir / "tokenizer")
+        chat_tokenizer = with_chat_tokens(tokenizer)  # what SFT renders the pairs with
+
+        def fits(messages: list[dict[str, str]]) -> bool:
+            return len(render_conversation(chat_tokenizer, messages).ids) <= s.context_length
+
+        out = self.dir / INSTRUCTIONS
+        figures: dict[str, Any] = {"instructions": "documented functions of the corpus"}
+        for split in ("train", "val"):
+            sources = (tokenizer.decode_bytes(doc).decode("utf-8", "replace")
+                       for doc in iter_documents(self.dir / "data", split))
+            counts = write_code_instructions(sources, out / f"{split}.jsonl", fits)
+            figures[f"{split}_pairs"] = counts["pairs"]
+            figures[f"{split}_pairs_too_long"] = counts["too_long"]
+        return [str(out / "train.jsonl")], [str(out / "val.jsonl")], figures
+
+    def finetune_settings(self, minutes: float):
+        from scratchlm.post import FinetuneSettings
+
+        s = self.settings
+        return FinetuneSettings(minutes=minutes, seed=s.seed, device=s.device, progress=s.progress)
+
+    def stage_sft(self) -> dict[str, Any]:
+        from scratchlm.post import sft
+
+        train_files, val_files, figures = self.instruction_files()
+        if not val_files or (figures["val_pairs"] and figures["train_pairs"]):
+            summary = sft(self.base_dir(), train_files, self.dir / "sft", self.finetune_settings(self.settings.sft_minutes),
+                          val_files=val_files, resume=self.resuming, overwrite=not self.resuming)
+            return {**figures, **{k: v for k, v in summary.items() if k not in ("replies", "seconds")}}
+        reason = (f"no instruction data: the corpus gave {figures['train_pairs']} training and "
+                  f"{figures['val_pairs']} held-out pairs (documented Python functions); give --sft-data FILE")
+        self.say(f"sft skipped: {reason}")
+        return {**figures, "skipped": reason}
+
+    def stage_dpo(self) -> dict[str, Any]:
+        from scratchlm.post import dpo
+
+        s = self.settings
+        summary = dpo(self.dir / "sft", list(s.dpo_data), self.dir / "dpo", self.finetune_settings(s.dpo_minutes),
+                      resume=self.resuming, overwrite=not self.resuming)
+        return {k: v for k, v in summary.items() if k != "seconds"}
 
     def stage_eval(self) -> dict[str, Any]:
+        """Bits per byte of the base beside gzip and xz; the post-training figures (held-out
+        reply loss before and after, replies that end their turn); samples from the base and
+        the chat model for the same prompts; the benchmark suite on a prose corpus."""
+        figures = {"bits_per_byte": self.bits_per_byte(), "suite": self.suite()}
+        if self.final_stage() != "pretrain":
+            figures["chat"] = self.chat_figures()
+        figures["samples"] = self.samples(figures.get("chat", {}).get("replies", []))
+        return figures
+
+    def bits_per_byte(self) -> dict[str, Any]:
         from itertools import islice
 
         from scratchlm.data import iter_documents
@@ -309,7 +466,7 @@ class _Run:
         from scratchlm.train.distributed import pick_device
 
         s = self.settings
-        model, tokenizer = load_model(self.model_dir(), device=pick_device(s.device))
+        model, tokenizer = load_model(self.base_dir(), device=pick_device(s.device))
         docs = list(islice(iter_documents(self.dir / "data", "val"), s.eval_documents))
         result = evaluate_bits_per_byte(model, tokenizer, docs, context_length=model.config.context_length,
                                         batch_size=16)
@@ -325,11 +482,15 @@ class _Run:
                  f"model {figures['val_bpb']:.3f}, gzip -9 {figures['gzip_bpb']:.3f}, xz -9 {figures['xz_bpb']:.3f}")
         return figures
 
-    def stage_suite(self) -> dict[str, Any]:
+    def suite(self) -> dict[str, Any]:
+        """`scratchlm eval --tasks core` on the base model when the corpus is prose (the tasks are
+        English prose; a code model's scores would say nothing) and the task files are there."""
         from scratchlm.eval.datasets import TASK_FILES, eval_cache_dir
         from scratchlm.eval.suite import evaluate, parse_tasks, results_table
 
         s = self.settings
+        if self.corpus_profile() != "prose":
+            return {"skipped": "the corpus is code; the benchmarks (HellaSwag, ARC, ...) are English prose"}
         tasks = [task for task in parse_tasks("core") if task in TASK_FILES]
         data_dir = Path(s.suite_data) if s.suite_data else eval_cache_dir()
         missing = [task for task in tasks if not any((data_dir / name).exists() for name in TASK_FILES[task])]
@@ -338,28 +499,82 @@ class _Run:
                       f"`scratchlm eval MODEL_DIR --tasks core`, or give --suite-data DIR)")
             self.say(f"benchmark suite skipped: {reason}")
             return {"skipped": reason}
-        report = evaluate(self.model_dir(), "core", limit=s.suite_limit, data_dir=data_dir, device=s.device,
+        report = evaluate(self.base_dir(), "core", limit=s.suite_limit, data_dir=data_dir, device=s.device,
                           progress=s.progress)
         self.say(results_table(report))
         return {"tasks": report["tasks"], "data_dir": str(data_dir), "limit": s.suite_limit}
 
-    def stage_samples(self) -> dict[str, Any]:
+    def chat_figures(self) -> dict[str, Any]:
+        """SFT's held-out figures and, for the final chat model, the share of greedy replies to
+        held-out instructions that end their turn (SFT measured it for its own model)."""
+        from scratchlm.model import load_model
+        from scratchlm.post.chat import render_prompt, stop_ids
+        from scratchlm.post.finetune import greedy_replies
+
+        sft = json.loads((self.dir / "sft" / "summary.json").read_text())
+        replies = sft["replies"]
+        figures = {"sft_base_val_loss": sft["base_val_loss"], "sft_val_loss": sft["val_loss"]}
+        if self.final_stage() == "dpo":
+            dpo = json.loads((self.dir / "dpo" / "summary.json").read_text())
+            figures.update({k: dpo[k] for k in ("base_val_preference_accuracy", "val_preference_accuracy",
+                                                 "base_val_reward_margin", "val_reward_margin")})
+            model, tokenizer = load_model(self.dir / "dpo")
+            answers = greedy_replies(model, tokenizer, [render_prompt(tokenizer, r["messages"]) for r in replies],
+                                     stop_ids(tokenizer)[0])
+            replies = [{**r, "reply": tokenizer.decode(ids), "ended": ended} for r, (ids, ended) in zip(replies, answers)]
+        figures["replies"] = replies
+        figures["replies_ended"] = sum(r["ended"] for r in replies) / max(len(replies), 1)
+        self.say(f"held-out reply loss {figures['sft_base_val_loss']:.3f} before SFT, {figures['sft_val_loss']:.3f} "
+                 f"after; {figures['replies_ended']:.0%} of {len(replies)} greedy replies end their turn")
+        return figures
+
+    def samples(self, chat_replies: list[dict[str, Any]]) -> dict[str, Any]:
+        """Base-model continuations of prompts suited to the corpus, and, with a chat model, the
+        base model's greedy answer (plain-text format) beside the chat model's to the first
+        SAMPLE_INSTRUCTIONS held-out instructions."""
         from scratchlm.infer import generate_text
         from scratchlm.model import load_model
+        from scratchlm.post.chat import render_prompt, stop_ids
+        from scratchlm.post.finetune import greedy_replies
         from scratchlm.train.distributed import pick_device
 
         s = self.settings
-        model, tokenizer = load_model(self.model_dir(), device=pick_device(s.device))
-        samples = []
-        for i, prompt in enumerate(SAMPLE_PROMPTS[self.corpus_profile()]):
-            text = generate_text(model, tokenizer, prompt, max_new_tokens=s.sample_tokens,
-                                 temperature=0.8, top_k=50, seed=s.seed + i)
-            samples.append({"prompt": prompt, "completion": text})
+        model, tokenizer = load_model(self.base_dir(), device=pick_device(s.device))
+        continuations = [{"prompt": prompt, "completion": generate_text(model, tokenizer, prompt,
+                                                                         max_new_tokens=s.sample_tokens,
+                                                                         temperature=0.8, top_k=50, seed=s.seed + i)}
+                         for i, prompt in enumerate(SAMPLE_PROMPTS[self.corpus_profile()])]
+        shown = chat_replies[:SAMPLE_INSTRUCTIONS]
+        base_answers = greedy_replies(model, tokenizer, [render_prompt(tokenizer, r["messages"]) for r in shown],
+                                      stop_ids(tokenizer)[0], max_new_tokens=s.sample_tokens)
+        answers = [{"instruction": r["messages"][-1]["content"], "base": tokenizer.decode(ids), "chat": r["reply"]}
+                   for r, (ids, _) in zip(shown, base_answers)]
+        samples = {"continuations": continuations, "answers": answers}
         atomic_write_json(self.dir / "samples.json", samples)
-        return {"count": len(samples)}
+        return {"continuations": len(continuations), "answers": len(answers)}
+
+    def stage_export(self) -> dict[str, Any]:
+        """The final model as a Hugging Face directory and a GGUF file (f16), for transformers,
+        llama.cpp and Ollama."""
+        from scratchlm.export import export_gguf, export_hf
+
+        model_dir = self.model_dir()
+        hf_dir = export_hf(model_dir, self.dir / EXPORT / "hf", overwrite=True)
+        gguf = export_gguf(model_dir, self.dir / EXPORT / GGUF_FILE, "f16", overwrite=True)
+        files = {str(path.relative_to(self.dir)): path.stat().st_size
+                 for path in [*sorted(p for p in hf_dir.iterdir() if p.is_file()), gguf]}
+        self.say(f"exported {model_dir.relative_to(self.dir)} to {hf_dir.relative_to(self.dir)}/ and "
+                 f"{gguf.relative_to(self.dir)} ({gguf.stat().st_size / 1e6:.1f} MB)")
+        return {"model": str(model_dir.relative_to(self.dir)), "files": files}
+
+    def stage_report(self) -> dict[str, Any]:
+        from scratchlm.pipeline.report import write_report
+
+        write_report(self)
+        return {}
 
     # ------------------------------------------------------------------ driver
-    def inputs(self) -> tuple[list[str], list[str]]:
+    def corpus_inputs(self) -> tuple[list[str], list[str]]:
         """(training inputs, validation inputs). Named corpora are downloaded (once: files already
         complete are not fetched again), and the files a corpus publishes as its own validation
         split are held out; paths and `stdlib` pass through."""
@@ -375,13 +590,23 @@ class _Run:
                 (val if is_val else train).append(str(path))
         return train, val
 
+    def check_needs(self, chain: list[str]) -> None:
+        """Refuse, before anything runs, a stage whose inputs neither exist nor are made first."""
+        for i, stage in enumerate(chain):
+            for need in NEEDS[stage]:
+                if need not in chain[:i] and not self.done(need):
+                    raise ScratchLMError(f"the {stage} stage needs {need}, which has not run in {self.dir}: "
+                                         f"add it to --stages (or leave it out of --skip)")
+
     def execute(self) -> dict[str, Any]:
+        chain = self.settings.chain()
+        self.check_needs(chain)
         created = [path for path in (self.dir, *self.dir.parents) if not path.exists()]
         make_directory(self.dir)
         self._save_state()
         self._extend_training()
         try:
-            return self._execute_stages()
+            self._execute_stages(chain)
         except ScratchLMError:
             # Failed before any stage finished (a download, say): the run leaves nothing.
             if not any(stage.get("done") for stage in self.state["stages"].values()):
@@ -390,13 +615,23 @@ class _Run:
                 for path in created[1:]:  # the parents it made (runs/), if left empty
                     remove_outputs(path, ())
             raise
+        report = json.loads((self.dir / "report.json").read_text()) if (self.dir / "report.json").exists() else {}
+        self.say(closing_message(self))
+        return report
 
-    def _execute_stages(self) -> dict[str, Any]:
-        for stage in STAGES:
-            if self.done(stage):
+    def _execute_stages(self, chain: list[str]) -> None:
+        for stage in chain:
+            if not self.due(stage):
                 self.say(f"== {stage}: done already, skipped")
                 continue
+            missing = [need for need in NEEDS[stage] if not self.done(need)]
+            if missing:  # skipped this time (SFT without instruction data, say)
+                self.say(f"== {stage}: not run, it needs {', '.join(missing)}, which did not finish")
+                continue
             self.say(f"== {stage}")
+            # An interrupted SFT or DPO continues from its checkpoint; a stale one starts over.
+            self.resuming = self.interrupted(stage)
+            self.start(stage)
             started = time.perf_counter()
             try:
                 figures = getattr(self, f"stage_{stage}")()
@@ -404,9 +639,6 @@ class _Run:
                 self.add_time(stage, time.perf_counter() - started)
                 raise
             self.record(stage, time.perf_counter() - started, **figures)
-        report = build_report(self)
-        self.say(_closing_message(self, report))
-        return report
 
 
 def run_pipeline(settings: RunSettings, progress: Callable[[str], None] | None = None,
@@ -426,176 +658,3 @@ def _normal(value: Any) -> Any:
 
 def _command_line() -> str:
     return "scratchlm " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "scratchlm run"
-
-
-def _hardware() -> dict[str, Any]:
-    import torch
-
-    info = {"platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "cpu_count": os.cpu_count(), "gpu": None}
-    if torch.cuda.is_available():
-        info["gpu"] = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
-    return info
-
-
-# ---------------------------------------------------------------------- the report card
-def build_report(run: _Run) -> dict[str, Any]:
-    """Write report.json and report.md from run.json and the stages' files."""
-    from scratchlm.data import format_stats_table, read_manifest
-    from scratchlm.model import load_config
-    from scratchlm.model.report import model_info
-
-    stages = run.state["stages"]
-    train, evaluation = stages.get("train", {}), stages.get("eval", {})
-    config, _ = load_config(run.model_dir())
-    params = _count_params(config)
-    curve = run.dir / "train" / "loss.png"
-    if curve.exists():
-        shutil.copyfile(curve, run.dir / "loss.png")
-    figures = {
-        "val_bpb": evaluation.get("val_bpb"),
-        "gzip_bpb": evaluation.get("gzip_bpb"),
-        "xz_bpb": evaluation.get("xz_bpb"),
-        "val_loss": evaluation.get("val_loss"),
-        "train_tokens_per_s": train.get("tokens_per_s"),
-        "mfu": train.get("mfu"),
-        "params": params,
-        "train_tokens": train.get("tokens"),
-        "train_steps": train.get("steps"),
-        "stage_seconds": {name: round(stages.get(name, {}).get("seconds", 0.0), 2) for name in STAGES},
-        "model_dir": str(run.model_dir()),
-        "hardware": _hardware(),
-        "settings": run.state["settings"],
-        "tokenizer": stages.get("tokenizer", {}),
-        "data": stages.get("data", {}),
-    }
-    atomic_write_json(run.dir / "report.json", figures)
-    samples = json.loads((run.dir / "samples.json").read_text()) if (run.dir / "samples.json").exists() else []
-    manifest = read_manifest(run.dir / "data")
-    markdown = _report_markdown(run, figures, model_info(config, "model"), format_stats_table(manifest), samples)
-    atomic_write_text(run.dir / "report.md", markdown)
-    return figures
-
-
-def _count_params(config) -> int:
-    from scratchlm.model import count_params
-
-    return int(count_params(config).total)
-
-
-def _fmt(value: Any, spec: str = ".3f") -> str:
-    return "n/a" if value is None else format(value, spec)
-
-
-def _report_markdown(run: _Run, f: dict[str, Any], model_table: str, data_table: str,
-                     samples: list[dict[str, str]]) -> str:
-    s = run.state["settings"]
-    tok = f["tokenizer"]
-    hw = f["hardware"]
-    beats = (f["val_bpb"] is not None and f["gzip_bpb"] is not None and f["val_bpb"] < f["gzip_bpb"])
-    lines = [
-        f"# scratchlm run report: {run.dir}",
-        "",
-        f"Model: `{f['model_dir']}` ({f['params']:,} parameters, preset `{s['preset']}`), "
-        f"trained {_fmt(run.state['stages'].get('train', {}).get('minutes'), '.1f')} min on corpus "
-        f"{', '.join(s['corpus'])}.",
-        "",
-        "## Evaluation (held-out documents, each on its own)",
-        "",
-        "| | bits per byte |",
-        "|---|---|",
-        f"| this model | {_fmt(f['val_bpb'])} |",
-        f"| gzip -9 | {_fmt(f['gzip_bpb'])} |",
-        f"| xz -9 | {_fmt(f['xz_bpb'])} |",
-        "",
-        f"The model {'beats' if beats else 'does not beat'} gzip -9 on "
-        f"{run.state['stages'].get('eval', {}).get('eval_documents', 0)} held-out documents "
-        f"({run.state['stages'].get('eval', {}).get('eval_bytes', 0):,} bytes).",
-        "",
-        *_suite_markdown(run.state["stages"].get("suite", {})),
-        "## Training",
-        "",
-        "![loss curve](loss.png)",
-        "",
-        "| | |",
-        "|---|---|",
-        f"| steps | {f['train_steps']} |",
-        f"| tokens | {_fmt(f['train_tokens'], ',')} |",
-        f"| throughput | {_fmt(f['train_tokens_per_s'], ',.0f')} tokens/s |",
-        f"| MFU | {_fmt(f['mfu'], '.1%') if f['mfu'] else 'n/a (no GPU peak known for this device)'} |",
-        "",
-        "## Model",
-        "",
-        "```",
-        model_table,
-        "```",
-        "",
-        "## Data",
-        "",
-        "```",
-        data_table,
-        "```",
-        "",
-        "## Tokenizer",
-        "",
-        f"Byte-level BPE, {tok.get('vocab_size')} tokens, trained on {_fmt(tok.get('sample_bytes'), ',')} bytes "
-        f"in {_fmt(tok.get('train_seconds'), '.1f')} s ({_fmt(tok.get('train_mb_per_s'), '.2f')} MB/s); "
-        f"{_fmt(tok.get('bytes_per_token'), '.2f')} bytes per token on held-out text.",
-        "",
-        "## Samples",
-        "",
-    ]
-    for sample in samples:
-        lines += [f"**Prompt** `{sample['prompt']!r}`", "", "```", sample["prompt"] + sample["completion"], "```", ""]
-    lines += [
-        "## Time per stage",
-        "",
-        "| stage | seconds |",
-        "|---|---|",
-        *[f"| {name} | {sec:.1f} |" for name, sec in f["stage_seconds"].items()],
-        "",
-        "## Hardware",
-        "",
-        f"{hw['platform']}, Python {hw['python']}, torch {hw['torch']}, {hw['cpu_count']} CPUs, "
-        f"GPU: {hw['gpu'] or 'none'}.",
-        "",
-        "## Reproduce",
-        "",
-        "```bash",
-        run.state.get("command", "scratchlm run"),
-        f"scratchlm generate {f['model_dir']} --prompt {shlex.quote(_hint_prompt(run))} --max-tokens 200",
-        "```",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def _hint_prompt(run: _Run) -> str:
-    return SAMPLE_PROMPTS[run.corpus_profile()][0]
-
-
-def _suite_markdown(suite: dict[str, Any]) -> list[str]:
-    from scratchlm.eval.suite import results_table
-
-    lines = ["## Benchmarks (scored as lm-evaluation-harness scores them)", ""]
-    if "tasks" not in suite:
-        return [*lines, f"Not run: {suite.get('skipped', 'the stage has not run')}.", ""]
-    return [*lines, f"The first {suite['limit']} items of each task (of each MMLU subject), from "
-                    f"`{suite['data_dir']}`; core = the mean centered accuracy of the six multiple-choice tasks, "
-                    f"(accuracy - chance) / (1 - chance).", "",
-            results_table({"tasks": suite["tasks"]}), ""]
-
-
-def _closing_message(run: _Run, f: dict[str, Any]) -> str:
-    model_dir = f["model_dir"]
-    return "\n".join([
-        "",
-        f"Done. Held-out bits per byte: model {_fmt(f['val_bpb'])}, gzip -9 {_fmt(f['gzip_bpb'])}, "
-        f"xz -9 {_fmt(f['xz_bpb'])}.",
-        f"Model:  {model_dir}",
-        f"Report: {run.dir / 'report.md'}",
-        "Try it:",
-        f"  scratchlm generate {model_dir} --prompt {shlex.quote(_hint_prompt(run))} --max-tokens 200 "
-        "--temperature 0.8",
-        f"  scratchlm model info {model_dir}",
-    ])
