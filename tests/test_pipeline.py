@@ -204,6 +204,8 @@ def test_the_report_page_shows_its_plots_in_chromium(finished_run, browser, tmp_
     (dict(stages=("eval", "report")), "the eval stage needs pretrain, which has not run in"),
     (dict(skip=("data",)), "the pretrain stage needs data, which has not run"),
     (dict(sft_data=("/nonexistent/chat.jsonl",)), "/nonexistent/chat.jsonl: no such file"),
+    (dict(sft_data=(__file__,)), "test_pipeline.py:1: invalid JSON"),
+    (dict(dpo_data=(__file__,)), "test_pipeline.py:1: invalid JSON"),
     (dict(sft_minutes=0.0), "--sft-minutes: must be a number > 0"),
 ])
 def test_part_of_the_chain_is_checked_before_anything_is_written(corpus, tmp_path, overrides, message):

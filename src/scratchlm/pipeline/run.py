@@ -138,6 +138,13 @@ class RunSettings:
         for path in (*self.sft_data, *self.dpo_data):
             if not Path(path).is_file():
                 raise ScratchLMError(f"{path}: no such file (--sft-data/--dpo-data take files)")
+        # Read now, not after minutes of pretraining: a malformed record is reported at once.
+        from scratchlm.post.formats import read_preference_file, read_sft_file
+
+        for path in self.sft_data:
+            read_sft_file(path)
+        for path in self.dpo_data:
+            read_preference_file(path)
         chain = self.chain()
         if "export" in chain and importlib.util.find_spec("gguf") is None:  # it writes a GGUF file
             raise ScratchLMError("the export stage needs the gguf package: pip install 'scratchlm[export]', "
