@@ -15,10 +15,12 @@ ends cannot end the session. Ctrl-D (end of input) or /exit ends it.
 from __future__ import annotations
 
 import builtins
+import contextlib
+import signal
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, TextIO
+from typing import TYPE_CHECKING, Callable, Iterator, TextIO
 
 from scratchlm.errors import ScratchLMError
 from scratchlm.post.chat import CHATML, chat_format, render_prompt, stop_strings
@@ -90,10 +92,26 @@ def chat(model_dir: str | Path, *, temperature: float = 0.8, top_k: int | None =
         raise ScratchLMError(f"--max-tokens {max_tokens} leaves no room for the conversation in the model's "
                              f"context of {engine.context_length} tokens")
     engine.start()
+    with _ctrl_c_interrupts(input is None and sys.stdin.isatty()):
+        try:
+            chat_loop(engine, params, system=system, input=input, output=output, title=str(model_dir))
+        finally:
+            engine.shutdown(drain=False)
+
+
+@contextlib.contextmanager
+def _ctrl_c_interrupts(on_terminal: bool) -> Iterator[None]:
+    """On a terminal, Ctrl-C raises KeyboardInterrupt (stopping a reply, or a hint at the prompt)
+    even when this process was started with SIGINT ignored, as a shell's background jobs are:
+    Python then keeps it ignored, and the chat would not react to the key at all."""
+    if not on_terminal:
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        chat_loop(engine, params, system=system, input=input, output=output, title=str(model_dir))
+        yield
     finally:
-        engine.shutdown(drain=False)
+        signal.signal(signal.SIGINT, previous)
 
 
 def chat_loop(engine: Engine, params: SamplingParams, *, system: str | None = None,
