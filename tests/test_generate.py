@@ -7,25 +7,17 @@ import torch
 
 from scratchlm.errors import ScratchLMError
 from scratchlm.infer import generate, generate_text
-from scratchlm.model import ModelConfig, Transformer
+from scratchlm.model import Transformer
 from scratchlm.model.sampling import sample_next_token
 from scratchlm.tokenizer import Tokenizer
+from tests.tiny_chat import peaked_tiny_model
 
 VOCAB = 257  # byte tokenizer: 256 bytes + <|endoftext|>
 
 
 @pytest.fixture(scope="module")
 def model() -> Transformer:
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig.from_preset(
-        "tiny", vocab_size=VOCAB, context_length=24, d_model=32, n_layers=2, n_heads=4,
-        n_kv_heads=2, d_ff=64))
-    # Larger weights than at init give peaked, well-separated logits, so a greedy choice
-    # never hinges on a 1e-7 rounding difference between cached and uncached computation.
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(8.0 if p.dim() > 1 else 1.0)
-    return model.eval()
+    return peaked_tiny_model(VOCAB, context_length=24)
 
 
 @pytest.fixture(scope="module")

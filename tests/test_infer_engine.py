@@ -21,6 +21,7 @@ from scratchlm.infer.sampling import (
 from scratchlm.infer.text import IncrementalText
 from scratchlm.model import ModelConfig, Transformer
 from scratchlm.tokenizer import Tokenizer
+from tests.tiny_chat import peaked_tiny_model
 
 VOCAB = 257  # byte tokenizer: 256 bytes + <|endoftext|>
 EOT = 256
@@ -33,15 +34,7 @@ def tokenizer() -> Tokenizer:
 
 @pytest.fixture(scope="module")
 def model() -> Transformer:
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig.from_preset(
-        "tiny", vocab_size=VOCAB, context_length=48, d_model=32, n_layers=2, n_heads=4,
-        n_kv_heads=2, d_ff=64))
-    # Larger weights than at init give peaked, well-separated logits (see test_generate).
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(8.0 if p.dim() > 1 else 1.0)
-    return model.eval()
+    return peaked_tiny_model(VOCAB, context_length=48)
 
 
 def chain_model(text: str, start: str, second: dict[int, int] | None = None) -> Transformer:

@@ -27,3 +27,18 @@ def save_tiny_model(path: Path, *, chat: bool, context_length: int = 64) -> Path
     if chat:
         model, tokenizer = add_chat_tokens(model, tokenizer)
     return save_model(path, model, tokenizer)
+
+
+def peaked_tiny_model(vocab_size: int, context_length: int) -> Transformer:
+    """A 2-layer random model in eval mode whose weights are scaled up: larger weights than at
+    init give peaked, well-separated logits, so a greedy choice never hinges on a 1e-7
+    rounding difference between cached and uncached (or batched and alone) computation."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_preset(
+        "tiny", vocab_size=vocab_size, context_length=context_length, d_model=32, n_layers=2, n_heads=4,
+        n_kv_heads=2, d_ff=64))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(8.0 if p.dim() > 1 else 1.0)
+    return model.eval()
+

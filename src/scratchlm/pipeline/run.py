@@ -458,22 +458,23 @@ class _Run:
         """Bits per byte of the base beside gzip and xz; the post-training figures (held-out
         reply loss before and after, replies that end their turn); samples from the base and
         the chat model for the same prompts; the benchmark suite on a prose corpus."""
-        figures = {"bits_per_byte": self.bits_per_byte(), "suite": self.suite()}
+        from scratchlm.model import load_model
+        from scratchlm.train.distributed import pick_device
+
+        base, tokenizer = load_model(self.base_dir(), device=pick_device(self.settings.device))
+        figures = {"bits_per_byte": self.bits_per_byte(base, tokenizer), "suite": self.suite()}
         if self.final_stage() != "pretrain":
             figures["chat"] = self.chat_figures()
-        figures["samples"] = self.samples(figures.get("chat", {}).get("replies", []))
+        figures["samples"] = self.samples(base, tokenizer, figures.get("chat", {}).get("replies", []))
         return figures
 
-    def bits_per_byte(self) -> dict[str, Any]:
+    def bits_per_byte(self, model, tokenizer) -> dict[str, Any]:
         from itertools import islice
 
         from scratchlm.data import iter_documents
         from scratchlm.eval import compression_bits_per_byte, evaluate_bits_per_byte
-        from scratchlm.model import load_model
-        from scratchlm.train.distributed import pick_device
 
         s = self.settings
-        model, tokenizer = load_model(self.base_dir(), device=pick_device(s.device))
         docs = list(islice(iter_documents(self.dir / "data", "val"), s.eval_documents))
         result = evaluate_bits_per_byte(model, tokenizer, docs, context_length=model.config.context_length,
                                         batch_size=16)
@@ -535,18 +536,15 @@ class _Run:
                  f"after; {figures['replies_ended']:.0%} of {len(replies)} greedy replies end their turn")
         return figures
 
-    def samples(self, chat_replies: list[dict[str, Any]]) -> dict[str, Any]:
+    def samples(self, model, tokenizer, chat_replies: list[dict[str, Any]]) -> dict[str, Any]:
         """Base-model continuations of prompts suited to the corpus, and, with a chat model, the
         base model's greedy answer (plain-text format) beside the chat model's to the first
         SAMPLE_INSTRUCTIONS held-out instructions."""
         from scratchlm.infer import generate_text
-        from scratchlm.model import load_model
         from scratchlm.post.chat import render_prompt, stop_ids
         from scratchlm.post.finetune import greedy_replies
-        from scratchlm.train.distributed import pick_device
 
         s = self.settings
-        model, tokenizer = load_model(self.base_dir(), device=pick_device(s.device))
         continuations = [{"prompt": prompt, "completion": generate_text(model, tokenizer, prompt,
                                                                          max_new_tokens=s.sample_tokens,
                                                                          temperature=0.8, top_k=50, seed=s.seed + i)}
