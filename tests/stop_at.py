@@ -18,6 +18,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 EVENTS = ("after-checkpoint", "mid-checkpoint", "mid-step")
 
@@ -63,8 +64,15 @@ def _install(event: str) -> None:
         optim.adamw_update_ = stopping_update
 
 
-def wait_until_stopped(proc: subprocess.Popen) -> None:
-    _, status = os.waitpid(proc.pid, os.WUNTRACED)
+def wait_until_stopped(proc: subprocess.Popen, deadline_s: float = 300) -> None:
+    end = time.monotonic() + deadline_s
+    while True:
+        pid, status = os.waitpid(proc.pid, os.WUNTRACED | os.WNOHANG)
+        if pid:
+            break
+        if time.monotonic() > end:
+            raise AssertionError(f"the process neither stopped nor ended within {deadline_s:g} s")
+        time.sleep(0.05)
     if not os.WIFSTOPPED(status):
         raise AssertionError(f"the process ended (status {status}) before it reached its stop event")
 

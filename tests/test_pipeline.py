@@ -295,7 +295,7 @@ def _interrupt_during_training(corpus: Path, out: Path, sig: int) -> None:
         wait_until_stopped(proc)
         os.killpg(proc.pid, sig)
         os.killpg(proc.pid, signal.SIGCONT)  # a stopped process acts on SIGINT once it runs
-        proc.communicate()
+        proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

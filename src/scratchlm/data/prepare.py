@@ -16,8 +16,9 @@ A killed run, re-run, keeps its finished tasks and redoes the others.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
-import multiprocessing
+import functools
 import os
 import shutil
 import socket
@@ -34,6 +35,7 @@ from scratchlm.data.tasks import TASKS_DIR, Plan, finished_task, plan_tasks, run
 from scratchlm.errors import ScratchLMError
 from scratchlm.fsutil import check_output_directory, make_directory
 from scratchlm.sources import check_inputs
+from scratchlm.workers import process_pool, progress_queue, result_of
 
 EXECUTORS = ("local", "ray")
 
@@ -128,27 +130,35 @@ def _removed_if_it_fails(out_dir: Path) -> Iterator[None]:
 
 
 # --------------------------------------------------------------------------- local processes
-_LOCAL: dict[str, Any] = {}  # what a worker process needs, inherited at fork (the tokenizer)
+_PROGRESS: Any = None  # in a worker process: the queue its tasks report bytes read through
 
 
-def _local_task(index: int) -> int:
-    job = _LOCAL
-    run_task(job["out_dir"], job["plan"], index, job["config"], job["tokenizer"], job["tokenizer_dir"],
-             on_bytes=lambda n: job["progress"].put(n), overwrite=job["overwrite"])
+def _init_local_worker(progress: Any) -> None:
+    global _PROGRESS
+    _PROGRESS = progress
+
+
+@functools.lru_cache(maxsize=1)
+def _tokenizer_at(tokenizer_dir: str):
+    """The tokenizer, loaded once per worker process (a process runs many tasks)."""
+    from scratchlm.tokenizer import Tokenizer
+
+    return Tokenizer.load(tokenizer_dir)
+
+
+def _local_task(out_dir: Path, plan: Plan, index: int, config: PrepareConfig, tokenizer_dir: Path,
+                overwrite: bool) -> int:
+    run_task(out_dir, plan, index, config, _tokenizer_at(str(tokenizer_dir)), tokenizer_dir,
+             on_bytes=_PROGRESS.put, overwrite=overwrite)
     return index
 
 
 def _run_locally(out_dir: Path, plan: Plan, pending: list[int], config: PrepareConfig, tokenizer,
                  tokenizer_dir: Path, workers: int, overwrite: bool) -> None:
-    """The pending tasks on `workers` processes, one task per process at a time; a progress
-    bar over the input bytes they have read."""
+    """The pending tasks on `workers` processes (scratchlm.workers), one task per process at a
+    time; a progress bar over the input bytes they have read."""
     if not pending:
         return
-    tokenizer.encode_ordinary("warm up")  # builds the encoder once, before workers are forked
-    context = multiprocessing.get_context()
-    progress = context.SimpleQueue()
-    _LOCAL.update(out_dir=out_dir, plan=plan, config=config, tokenizer=tokenizer, tokenizer_dir=tokenizer_dir,
-                  overwrite=overwrite, progress=progress)
     total = sum(_slice_bytes(piece) for i in pending for piece in plan.tasks[i])
     bar = tqdm(total=total, desc=f"{len(pending)} task(s)", unit="B", unit_scale=True, disable=not config.progress)
     try:
@@ -157,22 +167,24 @@ def _run_locally(out_dir: Path, plan: Plan, pending: list[int], config: PrepareC
                 run_task(out_dir, plan, index, config, tokenizer, tokenizer_dir, on_bytes=bar.update,
                          overwrite=overwrite)
             return
-        with context.Pool(min(workers, len(pending))) as pool:
-            results = pool.imap_unordered(_local_task, pending)
-            finished = 0
-            while finished < len(pending):
+        progress = progress_queue()
+        pool = process_pool(min(workers, len(pending)), _init_local_worker, (progress,))
+        try:
+            waiting = {pool.submit(_local_task, out_dir, plan, index, config, tokenizer_dir, overwrite)
+                       for index in pending}
+            while waiting:
+                done, waiting = concurrent.futures.wait(waiting, timeout=0.2,
+                                                        return_when=concurrent.futures.FIRST_COMPLETED)
                 while not progress.empty():
                     bar.update(progress.get())
-                try:
-                    results.next(timeout=0.2)
-                    finished += 1
-                except multiprocessing.TimeoutError:
-                    continue
-            while not progress.empty():
-                bar.update(progress.get())
+                for future in done:
+                    result_of(future, "preparing data tasks")
+        finally:
+            pool.shutdown(cancel_futures=True)  # after an error, no queued task starts
+        while not progress.empty():
+            bar.update(progress.get())
     finally:
         bar.close()
-        _LOCAL.clear()
 
 
 def _slice_bytes(piece) -> int:
@@ -234,10 +246,7 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
 
 
 def _ray_task(out_dir: str, plan: Plan, index: int, config: PrepareConfig, tokenizer_dir: str, overwrite: bool) -> int:
-    from scratchlm.tokenizer import Tokenizer
-
-    tokenizer = Tokenizer.load(tokenizer_dir)
-    run_task(Path(out_dir), plan, index, config, tokenizer, Path(tokenizer_dir), overwrite=overwrite)
+    run_task(Path(out_dir), plan, index, config, _tokenizer_at(tokenizer_dir), Path(tokenizer_dir), overwrite=overwrite)
     return index
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import collections
 import itertools
-import multiprocessing
 import os
 import re
 from collections import Counter
@@ -22,6 +21,7 @@ from typing import Callable, Iterable, Iterator
 import regex
 
 from scratchlm.errors import ScratchLMError
+from scratchlm.workers import process_pool, result_of
 
 # The GPT-2 pattern as tiktoken writes it (possessive quantifiers: same splits as the original
 # `'s|'t|...|\s+(?!\S)|\s+`, faster), and the GPT-4 (cl100k) one. Keeping tiktoken's exact strings
@@ -159,14 +159,14 @@ def count_pretokens(
         for batch in itertools.chain(head, batches):
             add(count_batch(batch, pattern), sum(map(len, batch)))
         return counts
-    with multiprocessing.get_context().Pool(workers) as pool:
+    with process_pool(workers) as pool:
         pending: collections.deque = collections.deque()
         for batch in itertools.chain(head, batches):
-            pending.append((pool.apply_async(count_batch, (batch, pattern)), sum(map(len, batch))))
+            pending.append((pool.submit(count_batch, batch, pattern), sum(map(len, batch))))
             if len(pending) >= 2 * workers:
-                result, chars = pending.popleft()
-                add(result.get(), chars)
+                future, chars = pending.popleft()
+                add(result_of(future, "counting pre-tokens"), chars)
         while pending:
-            result, chars = pending.popleft()
-            add(result.get(), chars)
+            future, chars = pending.popleft()
+            add(result_of(future, "counting pre-tokens"), chars)
     return counts

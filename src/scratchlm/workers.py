@@ -1,0 +1,47 @@
+"""Worker processes for the stages that fan CPU work out on one machine (tokenizer training's
+pre-token counts, data preparation's tasks).
+
+Two decisions, both about never hanging:
+- Workers are *spawned* (a fresh interpreter), not forked. Forking copies a process with all
+  its locks but only the thread that forked: if another thread (a progress bar's monitor, a
+  prefetcher, a server, a library's pool) held a lock at that moment, the child waits on it
+  forever. A caller embedding scratchlm cannot promise it runs no threads, so we never fork.
+  Spawning costs a fresh `import` per worker (a fraction of a second, paid once per pool).
+- `concurrent.futures`, not `multiprocessing.Pool`: when a worker dies (the out-of-memory
+  killer, a segfault in a C extension) Pool quietly starts another and the task it held is
+  never answered; an executor fails every pending task with `BrokenProcessPool`, which
+  `result_of` turns into a one-line error.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any, Callable, TypeVar
+
+from scratchlm.errors import ScratchLMError
+
+T = TypeVar("T")
+
+
+def process_pool(workers: int, initializer: Callable[..., Any] | None = None,
+                 initargs: tuple = ()) -> ProcessPoolExecutor:
+    """`workers` spawned processes (see the module docstring); `initializer(*initargs)` runs
+    once in each, e.g. to receive a queue for progress reports."""
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=initializer, initargs=initargs)
+
+
+def progress_queue() -> Any:
+    """A queue workers of `process_pool` can report progress through (pass it in `initargs`)."""
+    return multiprocessing.get_context("spawn").SimpleQueue()
+
+
+def result_of(future: Future[T], what: str) -> T:
+    """The future's result; a worker that died instead is a ScratchLMError naming `what`."""
+    try:
+        return future.result()
+    except BrokenProcessPool:
+        raise ScratchLMError(f"a worker process died while {what} (killed, or out of memory?); "
+                             f"run again with fewer workers") from None
