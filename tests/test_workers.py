@@ -3,7 +3,10 @@ cannot hang them, and a worker that dies is an error rather than a wait without 
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -53,7 +56,7 @@ def test_a_lock_held_by_another_thread_does_not_reach_the_workers():
 
 def test_a_worker_that_dies_is_a_one_line_error_not_a_hang():
     with process_pool(1) as pool:
-        with pytest.raises(ScratchLMError, match="a worker process died while checking .*fewer workers"):
+        with pytest.raises(ScratchLMError, match="a worker process died while checking: .*fewer workers"):
             result_of(pool.submit(_die), "checking")
 
 
@@ -62,3 +65,20 @@ def test_workers_report_through_the_queue_they_were_given():
     with process_pool(2, _keep, (queue,)) as pool:
         assert sorted(result_of(pool.submit(_report, n), "testing") for n in range(4)) == [0, 1, 4, 9]
     assert sorted(queue.get() for _ in range(4)) == [0, 1, 2, 3]
+
+
+def test_a_script_without_a_main_guard_is_told_what_to_do(tmp_path):
+    """Spawned workers import the caller's script first: top-level work runs again there,
+    and the error says how to fix the script."""
+    corpus = tmp_path / "corpus.jsonl"  # more than two batches of pre-token counting: a pool
+    corpus.write_text("".join(json.dumps({"text": f"story {i}: the cat sat on mat number {i}."}) + "\n"
+                              for i in range(30_000)))
+    script = tmp_path / "train_tokenizer.py"
+    script.write_text("from scratchlm.tokenizer import Tokenizer\n"
+                      f"Tokenizer.train([{str(corpus)!r}], 300, workers=2)\n")
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    # The script's traceback ends with our error (multiprocessing may print its own notes after).
+    error = next(line for line in result.stderr.splitlines() if line.startswith("scratchlm.errors.ScratchLMError"))
+    assert "a worker process died while counting pre-tokens: if train_tokenizer.py does its work" in error
+    assert 'if __name__ == "__main__":' in error

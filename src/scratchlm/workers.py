@@ -16,6 +16,8 @@ Two decisions, both about never hanging:
 from __future__ import annotations
 
 import multiprocessing
+import os
+import sys
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable, TypeVar
@@ -43,5 +45,16 @@ def result_of(future: Future[T], what: str) -> T:
     try:
         return future.result()
     except BrokenProcessPool:
-        raise ScratchLMError(f"a worker process died while {what} (killed, or out of memory?); "
-                             f"run again with fewer workers") from None
+        raise ScratchLMError(f"a worker process died while {what}: {_likely_cause()}") from None
+
+
+def _likely_cause() -> str:
+    # A spawned worker imports the caller's script as its main module before it runs anything
+    # (Python's rule for spawned processes, the default on macOS and Windows): top-level work
+    # in that script runs again in every worker, and starting processes there fails.
+    script = getattr(sys.modules["__main__"], "__file__", None)
+    if script and getattr(sys.modules["__main__"], "__spec__", None) is None:
+        return (f"if {os.path.basename(script)} does its work at the top level, put it under "
+                f"`if __name__ == \"__main__\":` (worker processes import the script); otherwise "
+                f"it was killed or ran out of memory: try fewer workers")
+    return "killed, or out of memory? Try fewer workers"
