@@ -438,3 +438,33 @@ def test_draw_follows_the_distribution():
     picks = draw(probs.log().expand(n, 4), uniforms)
     assert torch.bincount(picks, minlength=4).tolist() == [500, 0, 300, 200]
     assert draw(torch.tensor([[0.0, -float("inf")]]), torch.tensor([0.999999])).tolist() == [0]
+
+
+# --------------------------------------------------------------------------- kernels
+def _operators(run) -> set[str]:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    return {event.name for event in prof.events()}
+
+
+def test_on_x86_decoding_runs_the_linears_through_onednn_and_training_does_not(tokenizer):
+    from scratchlm.infer.engine import _ONEDNN_LINEAR
+
+    if not _ONEDNN_LINEAR:
+        pytest.skip("this PyTorch build has no oneDNN linear (not x86, or built without oneDNN)")
+    model = peaked_tiny_model(VOCAB, context_length=48)
+    ids = torch.tensor([[5, 100, 42, 7]])
+    with torch.no_grad():
+        reference = model(ids)
+    Engine(model, tokenizer, max_batch=2)
+    with torch.inference_mode():
+        names = _operators(lambda: model(ids))
+        logits = model(ids)
+    assert "mkldnn::_linear_pointwise" in names and "aten::linear" not in names
+    torch.testing.assert_close(logits, reference, rtol=1e-5, atol=1e-4)  # float32 rounding only
+    # Training the same model: ordinary linears, gradients and all.
+    names = _operators(lambda: model(ids, targets=torch.tensor([[100, 42, 7, 9]])).backward())
+    assert "aten::linear" in names and "mkldnn::_linear_pointwise" not in names
+    assert model.lm_head.weight.grad is not None
