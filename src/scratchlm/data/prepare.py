@@ -130,26 +130,18 @@ def _removed_if_it_fails(out_dir: Path) -> Iterator[None]:
 
 
 # --------------------------------------------------------------------------- local processes
-_PROGRESS: Any = None  # in a worker process: the queue its tasks report bytes read through
+_WORKER: dict[str, Any] = {}  # in a worker process: its progress queue and tokenizer
 
 
-def _init_local_worker(progress: Any) -> None:
-    global _PROGRESS
-    _PROGRESS = progress
-
-
-@functools.lru_cache(maxsize=1)
-def _tokenizer_at(tokenizer_dir: str):
-    """The tokenizer, loaded once per worker process (a process runs many tasks)."""
-    from scratchlm.tokenizer import Tokenizer
-
-    return Tokenizer.load(tokenizer_dir)
+def _init_local_worker(progress: Any, tokenizer: Any) -> None:
+    # The tokenizer arrives pickled: 0.08 s to rebuild GPT-2's, against 0.44 s to load it from disk.
+    _WORKER.update(progress=progress, tokenizer=tokenizer)
 
 
 def _local_task(out_dir: Path, plan: Plan, index: int, config: PrepareConfig, tokenizer_dir: Path,
                 overwrite: bool) -> int:
-    run_task(out_dir, plan, index, config, _tokenizer_at(str(tokenizer_dir)), tokenizer_dir,
-             on_bytes=_PROGRESS.put, overwrite=overwrite)
+    run_task(out_dir, plan, index, config, _WORKER["tokenizer"], tokenizer_dir,
+             on_bytes=_WORKER["progress"].put, overwrite=overwrite)
     return index
 
 
@@ -168,7 +160,7 @@ def _run_locally(out_dir: Path, plan: Plan, pending: list[int], config: PrepareC
                          overwrite=overwrite)
             return
         progress = progress_queue()
-        pool = process_pool(min(workers, len(pending)), _init_local_worker, (progress,))
+        pool = process_pool(min(workers, len(pending)), _init_local_worker, (progress, tokenizer))
         try:
             waiting = {pool.submit(_local_task, out_dir, plan, index, config, tokenizer_dir, overwrite)
                        for index in pending}
@@ -243,6 +235,14 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
     except OSError as exc:
         raise ScratchLMError(f"cannot reach the Ray cluster at {address} (RAY_ADDRESS): "
                              f"{exc.strerror or type(exc).__name__}") from None
+
+
+@functools.lru_cache(maxsize=1)
+def _tokenizer_at(tokenizer_dir: str):
+    """The tokenizer, loaded once per Ray worker process (a process may run many tasks)."""
+    from scratchlm.tokenizer import Tokenizer
+
+    return Tokenizer.load(tokenizer_dir)
 
 
 def _ray_task(out_dir: str, plan: Plan, index: int, config: PrepareConfig, tokenizer_dir: str, overwrite: bool) -> int:
