@@ -64,11 +64,13 @@ class ScratchLM(LM):
         if path is None:
             raise ScratchLMError("--model scratchlm needs --model_args path=MODEL_DIR")
         from scratchlm.model.directory import load_model
+        from scratchlm.model.onednn import route_linears_through_onednn
 
         self.batch_size = _positive_int(batch_size, "batch_size")
         self.max_gen_toks = _positive_int(max_gen_toks, "max_gen_toks")
         self._device = _device(device)
         self.model, self.tokenizer = load_model(str(path), device=self._device)
+        route_linears_through_onednn(self.model)  # the harness only scores and generates
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> ScratchLM:

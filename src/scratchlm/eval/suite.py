@@ -58,6 +58,7 @@ def evaluate(model_dir: str | os.PathLike, tasks: str | Sequence[str], *, limit:
     completions per problem); `contamination` names the model's training data directory.
     """
     from scratchlm.model.directory import load_model
+    from scratchlm.model.onednn import route_linears_through_onednn
     from scratchlm.train.distributed import pick_device
 
     names = parse_tasks(tasks)
@@ -70,6 +71,7 @@ def evaluate(model_dir: str | os.PathLike, tasks: str | Sequence[str], *, limit:
     loglikelihood_tasks = [n for n in names if n in LOGLIKELIHOOD_TASKS]
     items = _load_task_items(loglikelihood_tasks, data_dir, limit, shots, progress) if loglikelihood_tasks else {}
     model = model.to(pick_device(device))
+    route_linears_through_onednn(model)  # scoring needs no gradients (see scratchlm.model.onednn)
     results: dict[str, dict[str, Any]] = {}
     logs: list[dict[str, Any]] = []
     for name in names:

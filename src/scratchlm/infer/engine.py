@@ -52,19 +52,17 @@ from __future__ import annotations
 import asyncio
 import collections
 import operator
-import platform
 import random
 import threading
-import types
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, AsyncIterator, Callable, Iterable, Iterator, TypeVar
 
 import torch
-import torch.nn.functional as F
 
 from scratchlm.errors import ScratchLMError
 from scratchlm.infer.sampling import BatchSampler, SamplingParams
 from scratchlm.infer.text import IncrementalText
+from scratchlm.model.onednn import route_linears_through_onednn
 from scratchlm.post.chat import stop_ids as chat_stop_ids
 
 if TYPE_CHECKING:
@@ -242,7 +240,7 @@ class Engine:
         vocab = model.config.vocab_size
 
         if self.device.type == "cpu":
-            _linears_through_onednn(self.model)
+            route_linears_through_onednn(self.model)  # decoding needs no gradients
 
         @torch.inference_mode()
         def allocate() -> tuple[KVCache, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -534,35 +532,6 @@ class Engine:
         else:
             while self.step():
                 pass
-
-
-# oneDNN's fused linear (the kernel torch.compile's CPU backend emits), where PyTorch has it:
-# x86 builds with oneDNN. ARM builds route it through other libraries: not measured, not used.
-_ONEDNN_LINEAR = (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
-                  and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
-
-
-def _linears_through_onednn(model: Transformer) -> None:
-    """On x86 CPUs, the model's Linear layers compute through oneDNN when no gradient is
-    needed, as when decoding (the model is otherwise unchanged and still trains).
-
-    Why: `F.linear` on CPU calls MKL's GEMM, and on the AMD EPYC machine the benchmarks ran
-    on, MKL took 1.7x oneDNN's time for the engine's products of 32 rows (18.9 vs 11.3 ms per
-    step of the `small` model) and 1.7x for one row (5.1 vs 3.1 ms: one row times a weight
-    reads the whole weight, and MKL's dot-product form of it streamed at half the speed).
-    The results agree to float32 rounding (~1e-5 relative, as between batch sizes: see
-    "Batch independence")."""
-    if not _ONEDNN_LINEAR:
-        return
-    for module in model.modules():
-        if type(module) is torch.nn.Linear:
-            module.forward = types.MethodType(_inference_linear, module)
-
-
-def _inference_linear(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    if x.dtype != torch.float32 or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
-        return F.linear(x, self.weight, self.bias)
-    return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
 
 def _in_passing_thread(function: Callable[[], T]) -> T:
