@@ -25,19 +25,19 @@ from typing import Any, Callable, TypeVar
 from scratchlm.errors import ScratchLMError
 
 T = TypeVar("T")
+_SPAWN = multiprocessing.get_context("spawn")
 
 
 def process_pool(workers: int, initializer: Callable[..., Any] | None = None,
                  initargs: tuple = ()) -> ProcessPoolExecutor:
     """`workers` spawned processes (see the module docstring); `initializer(*initargs)` runs
     once in each, e.g. to receive a queue for progress reports."""
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=initializer, initargs=initargs)
+    return ProcessPoolExecutor(workers, mp_context=_SPAWN, initializer=initializer, initargs=initargs)
 
 
 def progress_queue() -> Any:
     """A queue workers of `process_pool` can report progress through (pass it in `initargs`)."""
-    return multiprocessing.get_context("spawn").SimpleQueue()
+    return _SPAWN.SimpleQueue()
 
 
 def result_of(future: Future[T], what: str) -> T:

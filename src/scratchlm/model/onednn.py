@@ -1,11 +1,10 @@
 """Linear layers through oneDNN on x86 CPUs, for everything that runs a model without gradients
 (decoding in the engine, scoring in eval).
 
-`F.linear` on CPU calls MKL's GEMM. On the AMD EPYC machine our benchmarks ran on, MKL took
-1.4-2.5x oneDNN's time for the products of a 124M model scoring a batch (2048 rows: e.g. 133 vs
-53 ms for 3072 -> 768), 1.7x for the 32-row products of a batched decoding step (18.9 vs 11.3
-ms for the `small` model's 41 weights), and 1.7x for one row (where the whole weight must be
-read: MKL's dot-product form streamed it at half the speed). oneDNN's fused linear
+`F.linear` on CPU calls MKL's GEMM. On the AMD EPYC machine our benchmarks ran on
+(benchmarks/bench_linear.py, BENCHMARKS.md), MKL took 1.6x oneDNN's time for a GPT-2 layer
+scoring 2048 tokens and 1.7x for its head, 1.6x for the 32-row products of a batched decoding
+step of the `small` model, and 1.5x for one row (where the whole weight must be read). oneDNN's fused linear
 (`torch.ops.mkldnn._linear_pointwise`) is the kernel torch.compile's CPU backend emits for the
 same layers. Results agree to float32 rounding (~1e-5 relative, as between batch sizes).
 
